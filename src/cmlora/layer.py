@@ -1,0 +1,235 @@
+"""The MixLoRA linear layer: h = W x + s * B_x A_x x with instance-specific factors (method.md section 3)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import MixLoraConfig
+from .context import RoutingContext
+from .routing import Selection, load_balancing_loss, pool, route
+
+MERGE_ERROR = (
+    "MixLoRA adapters cannot be merged into the base weights: every instance selects its own factors, so the "
+    "update B_x A_x depends on the input and there is no single matrix to add to W. Keep the adapter attached "
+    "(PeftModel) for inference, or use unload() to get the base model back without the adapter."
+)
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """The per-adapter values a layer needs at forward time (kept apart from parameters, as PEFT does)."""
+
+    r: int
+    num_factors: int
+    scaling: float
+    plain: bool  # a plain rank-r LoRA (layers below mix_start_layer): all r factors, no router
+    routing: str
+    pooling: str
+    router_grad: str
+    cfs: str
+    cfs_weight: float
+    router_noise: float
+    aux_loss: bool
+
+    @classmethod
+    def from_config(cls, config: MixLoraConfig, plain: bool) -> AdapterSettings:
+        return cls(
+            r=config.r,
+            num_factors=config.r if plain else config.num_factors,
+            scaling=config.lora_alpha / config.r,
+            plain=plain,
+            routing=config.routing,
+            pooling=config.pooling,
+            router_grad=config.router_grad,
+            cfs=config.cfs,
+            cfs_weight=config.cfs_weight,
+            router_noise=config.router_noise,
+            aux_loss=config.router_aux_loss_coef > 0,
+        )
+
+
+class FactorRouter(nn.Module):
+    """The routers of one adapter in one layer.
+
+    Weights are parameters when the routers learn (router_grad != 'none') and persistent buffers otherwise, so
+    that the reference behaviour (routers that never train) puts nothing router-related in the optimizer while
+    the routers are still saved with the adapter.
+    """
+
+    def __init__(self, in_features: int, config: MixLoraConfig) -> None:
+        super().__init__()
+        self.trainable = config.router_grad != "none"
+        E, r = config.num_factors, config.r
+        if config.routing in ("ifs", "ifs+cfs"):
+            self._add("weight_a", torch.empty(E, in_features))
+            self._add("weight_b", torch.empty(E, in_features))
+        if config.routing == "ifs+cfs":
+            self._add("weight_cfs", torch.empty(r, in_features, E))  # W_AB in R^{r x d_in x E}
+        if config.routing == "task":
+            self._add("task_logits_a", torch.empty(config.num_tasks, E))
+            self._add("task_logits_b", torch.empty(config.num_tasks, E))
+        self.reset_parameters()
+
+    def _add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.trainable:
+            self.register_parameter(name, nn.Parameter(tensor))
+        else:
+            self.register_buffer(name, tensor, persistent=True)
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        return getattr(self, name, None)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for name in ("weight_a", "weight_b"):
+            if self.get(name) is not None:  # like nn.Linear(d_in, E, bias=False), as the reference routers
+                nn.init.kaiming_uniform_(self.get(name), a=math.sqrt(5))
+        if self.get("weight_cfs") is not None:  # like the reference's nn.Linear(r * d_in, E)
+            r, d_in, _ = self.weight_cfs.shape
+            bound = 1.0 / math.sqrt(r * d_in)
+            self.weight_cfs.uniform_(-bound, bound)
+        for name in ("task_logits_a", "task_logits_b"):
+            if self.get(name) is not None:
+                nn.init.normal_(self.get(name))
+
+
+class MixLoraLayer(BaseTunerLayer):
+    adapter_layer_names: tuple[str, ...] = ("mixlora_factors_a", "mixlora_factors_b", "mixlora_router")
+    other_param_names: tuple[str, ...] = ("mixlora_settings", "mixlora_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.mixlora_factors_a = nn.ParameterDict({})  # adapter -> [E, d_in], row e is a_e
+        self.mixlora_factors_b = nn.ParameterDict({})  # adapter -> [E, d_out], row e is b_e
+        self.mixlora_router = nn.ModuleDict({})  # adapter -> FactorRouter
+        self.mixlora_dropout = nn.ModuleDict({})
+        self.mixlora_settings: dict[str, AdapterSettings] = {}
+        # Set by the tuner: the module path (for routing traces and error messages) and the shared context.
+        self.mixlora_layer_name: str = ""
+        self.mixlora_context: Optional[RoutingContext] = None
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"MixLoRA adapts torch.nn.Linear layers only, got {type(base).__name__}.")
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name: str, config: MixLoraConfig, plain: bool) -> None:
+        settings = AdapterSettings.from_config(config, plain)
+        self.mixlora_settings[adapter_name] = settings
+        self.mixlora_factors_a[adapter_name] = nn.Parameter(torch.empty(settings.num_factors, self.in_features))
+        self.mixlora_factors_b[adapter_name] = nn.Parameter(torch.empty(settings.num_factors, self.out_features))
+        if not plain and config.routing != "random":
+            self.mixlora_router[adapter_name] = FactorRouter(self.in_features, config)
+        self.mixlora_dropout[adapter_name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
+        self.reset_factors(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @torch.no_grad()
+    def reset_factors(self, adapter_name: str, init_weights: bool = True) -> None:
+        # a_e like nn.Linear rows (kaiming-uniform, a=sqrt(5)); b_e = 0 so training starts at the base model.
+        nn.init.kaiming_uniform_(self.mixlora_factors_a[adapter_name], a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.mixlora_factors_b[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(self.mixlora_factors_b[adapter_name], a=math.sqrt(5))
+
+
+class Linear(nn.Module, MixLoraLayer):
+    """A frozen nn.Linear plus one MixLoRA update per active adapter."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MixLoraConfig, plain: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        MixLoraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, plain)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        raise ValueError(MERGE_ERROR)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for adapter in self.active_adapters:
+            if adapter in self.mixlora_factors_a:
+                result = result + self._update(x, adapter).to(result.dtype)
+        return result
+
+    def _update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """s * B_x A_x x for every instance, as (x @ A_x^T) @ B_x^T: a gather and two batched matmuls."""
+        settings = self.mixlora_settings[adapter]
+        factors_a = self.mixlora_factors_a[adapter]
+        factors_b = self.mixlora_factors_b[adapter]
+        dropout = self.mixlora_dropout[adapter]
+        x = self._cast_input_dtype(x, factors_a.dtype)
+        if settings.plain:
+            return (dropout(x) @ factors_a.t()) @ factors_b * settings.scaling
+        # Instances are the leading dimension; everything between it and the features is the sequence. Input of
+        # shape (batch, features) is a batch of one-position sequences.
+        seq = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 2 else x.view(1, 1, -1)
+        selection = self._select(seq, adapter, settings)
+        hidden = torch.bmm(dropout(seq), factors_a[selection.index_a].transpose(1, 2))  # [B, T, r]
+        if selection.coef is not None:
+            hidden = hidden * selection.coef.to(hidden.dtype).unsqueeze(1)
+        update = torch.bmm(hidden, factors_b[selection.index_b]) * settings.scaling  # [B, T, d_out]
+        return update.view(*x.shape[:-1], self.out_features)
+
+    def _select(self, seq: torch.Tensor, adapter: str, settings: AdapterSettings) -> Selection:
+        context = self.mixlora_context
+        batch, seq_len, _ = seq.shape
+        if context is not None:
+            cached = context.cached_selection(self.mixlora_layer_name, adapter, batch)
+            if cached is not None:
+                return cached
+        mask = None if context is None else context.pooling_mask(settings.pooling, batch, seq_len)
+        router = self.mixlora_router[adapter] if adapter in self.mixlora_router else None
+        # With router_grad='none' selection is index-only: no graph is needed, and none is built.
+        grad_mode = torch.enable_grad() if settings.router_grad != "none" else torch.no_grad()
+        with grad_mode:
+            selection = route(
+                None if settings.routing in ("random", "task") else pool(seq, mask),
+                r=settings.r,
+                num_factors=settings.num_factors,
+                routing=settings.routing,
+                router_grad=settings.router_grad,
+                factors_a=self.mixlora_factors_a[adapter],
+                router_a=router.get("weight_a") if router else None,
+                router_b=router.get("weight_b") if router else None,
+                router_cfs=router.get("weight_cfs") if router else None,
+                cfs=settings.cfs,
+                cfs_weight=settings.cfs_weight,
+                task_logits_a=router.get("task_logits_a") if router else None,
+                task_logits_b=router.get("task_logits_b") if router else None,
+                task_ids=None if context is None or context.task_ids is None else context.task_ids.to(seq.device),
+                noise_std=settings.router_noise if self.training else 0.0,
+                batch=batch,
+                device=seq.device,
+            )
+        if context is not None:
+            context.store(self.mixlora_layer_name, adapter, selection)
+            if settings.aux_loss and self.training and torch.is_grad_enabled():
+                context.aux_losses[(self.mixlora_layer_name, adapter)] = load_balancing_loss(
+                    selection.probs_a, selection.index_a
+                ) + load_balancing_loss(selection.probs_b, selection.index_b)
+        return selection
+
+    def __repr__(self) -> str:
+        return "mixlora." + super().__repr__()

@@ -1,0 +1,164 @@
+"""Factor selection for MixLoRA: pooling, IFS and CFS scores, top-r, router-gradient modes.
+
+Pure functions on tensors, so that each equation of the method can be tested on its own. Shapes:
+B batch, T sequence, d input features, E factors per pool, r factors selected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Selection:
+    """The factors chosen for each instance of a batch.
+
+    index_a[b, i] and index_b[b, i] form the i-th factor pair of instance b (both in descending score order, as
+    torch.topk returns them). `coef`, when present, multiplies pair i's contribution (router_grad modes that let
+    gradients reach the routers); it is None when factors enter unscaled.
+    """
+
+    index_a: torch.Tensor  # [B, r] long
+    index_b: torch.Tensor  # [B, r] long
+    coef: Optional[torch.Tensor] = None  # [B, r] float
+    probs_a: Optional[torch.Tensor] = None  # [B, E] router distribution, for the load-balancing loss
+    probs_b: Optional[torch.Tensor] = None  # [B, E]
+
+    @property
+    def batch_size(self) -> int:
+        return self.index_a.shape[0]
+
+
+def pool(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of x [B, T, d] over the positions where mask [B, T] is true (all positions when mask is None).
+
+    Computed as a batched matrix product (mask @ x) so no [B, T, d] temporary is created. An instance whose mask
+    is empty must be handled by the caller (see `routing_mask`), never divided by zero here.
+    """
+    if mask is None:
+        return x.mean(dim=1)
+    weights = mask.to(x.dtype)
+    counts = weights.sum(dim=1, keepdim=True)
+    if bool((counts == 0).any()):
+        raise ValueError("pool(): an instance has no position to pool over (its mask is all false).")
+    return torch.bmm((weights / counts).unsqueeze(1), x).squeeze(1)
+
+
+def ifs_logits(xbar: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """Independent Factor Selection logits W xbar: [B, d] x [E, d] -> [B, E] (float32 for stable ranking)."""
+    return xbar.float() @ router_weight.float().t()
+
+
+def cfs_scores_paper(selected_a: torch.Tensor, cfs_weight: torch.Tensor) -> torch.Tensor:
+    """p_CFS = sum_i softmax(A_x[i] . W_AB[i]) (method.md 3.3): [B, r, d] x [r, d, E] -> [B, E]."""
+    logits = torch.einsum("brd,rde->bre", selected_a.float(), cfs_weight.float())
+    return logits.softmax(dim=-1).sum(dim=1)
+
+
+def cfs_scores_reference(selected_a: torch.Tensor, cfs_weight: torch.Tensor) -> torch.Tensor:
+    """The reference code's CFS (method.md 3.3 a-b): softmax(sum_i softmax((sum_d a_i) * (sum_d W_AB[i, d])))."""
+    # einsum('brd,rfe->bre') with distinct d and f sums each operand over its own index separately.
+    logits = selected_a.float().sum(dim=-1).unsqueeze(-1) * cfs_weight.float().sum(dim=1).unsqueeze(0)
+    return logits.softmax(dim=-1).sum(dim=1).softmax(dim=-1)
+
+
+def select_top_r(scores: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices [B, r] of the r largest scores, in descending order, and those scores."""
+    top = torch.topk(scores, r, dim=-1)
+    return top.indices, top.values
+
+
+def random_indices(batch: int, num_factors: int, r: int, device: torch.device) -> torch.Tensor:
+    """A fresh uniformly random subset of r factors per instance, in random order (the paper's 'random')."""
+    return torch.rand(batch, num_factors, device=device).argsort(dim=-1)[:, :r]
+
+
+def pair_coefficients(top_a: torch.Tensor, top_b: torch.Tensor, mode: str) -> Optional[torch.Tensor]:
+    """Per-pair multipliers for the router-gradient modes.
+
+    'scores': pair i is scaled by (r * renormalised score of A factor i) * (r * renormalised score of B factor i);
+    the factors r make equal scores reproduce the unscaled update, so lora_alpha keeps its meaning.
+    'straight_through': the same gradient, but the forward value is exactly 1 (the update is unscaled).
+    """
+    if mode == "none":
+        return None
+    r = top_a.shape[-1]
+    coef = (r * top_a / top_a.sum(dim=-1, keepdim=True)) * (r * top_b / top_b.sum(dim=-1, keepdim=True))
+    if mode == "scores":
+        return coef
+    if mode == "straight_through":
+        return coef - coef.detach() + 1.0
+    raise ValueError(f"unknown router_grad mode {mode!r}")
+
+
+def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss E * sum_e f_e * P_e for one router.
+
+    f_e: share of the batch's selections that went to factor e (no gradient); P_e: mean router probability of e.
+    Equals 1 when usage and probabilities are uniform, grows as they concentrate on the same factors.
+    """
+    num_factors = probs.shape[-1]
+    counts = torch.zeros_like(probs).scatter_add_(1, indices, torch.ones_like(indices, dtype=probs.dtype))
+    usage = counts.sum(dim=0) / indices.numel()
+    return num_factors * (usage.detach() * probs.mean(dim=0)).sum()
+
+
+def route(
+    xbar: Optional[torch.Tensor],
+    *,
+    r: int,
+    num_factors: int,
+    routing: str,
+    router_grad: str,
+    factors_a: torch.Tensor,
+    router_a: Optional[torch.Tensor] = None,
+    router_b: Optional[torch.Tensor] = None,
+    router_cfs: Optional[torch.Tensor] = None,
+    cfs: str = "paper",
+    cfs_weight: float = 1.0,
+    task_logits_a: Optional[torch.Tensor] = None,
+    task_logits_b: Optional[torch.Tensor] = None,
+    task_ids: Optional[torch.Tensor] = None,
+    noise_std: float = 0.0,
+    batch: Optional[int] = None,
+    device: Optional[torch.device] = None,
+) -> Selection:
+    """Select r A factors and r B factors for each instance.
+
+    routing: 'ifs' (two independent routers on xbar), 'ifs+cfs' (B scores refined by the selected A factors),
+    'random' (fresh random indices), 'task' (router logits looked up per task id instead of computed from xbar).
+    """
+    if routing == "random":
+        return Selection(random_indices(batch, num_factors, r, device), random_indices(batch, num_factors, r, device))
+
+    if routing == "task":
+        if task_ids is None:
+            raise ValueError(
+                "routing='task' needs the task of every instance: pass task_ids=LongTensor[batch] to the model call "
+                "(forward or generate)."
+            )
+        logits_a = task_logits_a.float()[task_ids]
+        logits_b = task_logits_b.float()[task_ids]
+    else:
+        logits_a = ifs_logits(xbar, router_a)
+        logits_b = ifs_logits(xbar, router_b)
+    if noise_std > 0:
+        logits_a = logits_a + noise_std * torch.randn_like(logits_a)
+        logits_b = logits_b + noise_std * torch.randn_like(logits_b)
+
+    probs_a = logits_a.softmax(dim=-1)
+    index_a, top_a = select_top_r(probs_a, r)
+    probs_b = logits_b.softmax(dim=-1)
+    scores_b = probs_b
+    if routing == "ifs+cfs":
+        selected_a = factors_a[index_a]
+        cfs_fn = cfs_scores_paper if cfs == "paper" else cfs_scores_reference
+        scores_b = probs_b + cfs_weight * cfs_fn(selected_a, router_cfs)
+    index_b, top_b = select_top_r(scores_b, r)
+    coef = pair_coefficients(top_a, top_b, router_grad)
+    # The B distribution for load balancing: the combined scores, renormalised to sum to one.
+    return Selection(index_a, index_b, coef, probs_a, scores_b / scores_b.sum(dim=-1, keepdim=True))
