@@ -1,0 +1,1 @@
+"""Importers for adapters trained with other MixLoRA implementations."""
