@@ -32,14 +32,14 @@ W_AB = torch.tensor([
 
 def test_cfs_paper_matches_hand_computation():
     # a_0 . W_AB[0] = 2*[1,0,0] + (-1)*[0,3,0] = [2,-3,0];  a_1 . W_AB[1] = 0.5*[0,0,1] + 1*[0,2,0] = [0,2,0.5]
-    expected = [p + q for p, q in zip(softmax([2, -3, 0]), softmax([0, 2, 0.5]))]
+    expected = [p + q for p, q in zip(softmax([2, -3, 0]), softmax([0, 2, 0.5]), strict=True)]
     assert cfs_scores_paper(SELECTED_A, W_AB)[0].tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_cfs_reference_matches_hand_computation():
     # The reference sums each a_i and each W_AB[i] separately: sum(a_0)=1, sum(a_1)=1.5,
     # W_AB[0] summed over d = [1,3,0], W_AB[1] summed over d = [0,2,1]; then a second softmax.
-    inner = [p + q for p, q in zip(softmax([1, 3, 0]), softmax([0, 3, 1.5]))]
+    inner = [p + q for p, q in zip(softmax([1, 3, 0]), softmax([0, 3, 1.5]), strict=True)]
     expected = softmax(inner)
     assert cfs_scores_reference(SELECTED_A, W_AB)[0].tolist() == pytest.approx(expected, rel=1e-6)
 
@@ -107,6 +107,6 @@ def test_route_ifs_cfs_uses_selected_a_factors():
 
 
 def test_route_task_needs_task_ids():
-    with pytest.raises(ValueError, match="task_ids"):
+    with pytest.raises(ValueError, match="mixlora_task_ids"):
         route(None, r=1, num_factors=2, routing="task", router_grad="none", factors_a=torch.zeros(2, 3),
               task_logits_a=torch.zeros(3, 2), task_logits_b=torch.zeros(3, 2))

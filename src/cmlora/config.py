@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -27,7 +27,7 @@ class MixLoraConfig(PeftConfig):
 
     num_factors: int = field(default=16, metadata={"help": "E: the number of rank-1 factors in each pool (A and B)."})
     r: int = field(default=4, metadata={"help": "Factors selected per instance from each pool (the update's rank)."})
-    lora_alpha: Optional[float] = field(
+    lora_alpha: float | None = field(
         default=None,
         metadata={"help": "Scale numerator: the update is multiplied by lora_alpha / r. None means 2 * num_factors "
                           "(the reference code's choice)."},
@@ -35,21 +35,21 @@ class MixLoraConfig(PeftConfig):
     lora_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the adapter branch input only (never on the router input)."}
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Module name suffixes, or one regex matched against full names, to adapt. None picks the "
                           "language model's q,k,v,o,gate,up,down projections for known model types."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names (suffixes, or one regex) never to adapt."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt layers with these indices (as in PEFT's LoRA)."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the ModuleList holding the layers, for layers_to_transform."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Non-adapter modules trained in full and saved, e.g. a VLM's projector."}
     )
     mix_start_layer: int = field(
@@ -58,7 +58,7 @@ class MixLoraConfig(PeftConfig):
     routing: Literal["ifs", "ifs+cfs", "random", "task"] = field(
         default="ifs+cfs",
         metadata={"help": "Factor selection: 'ifs', 'ifs+cfs', 'random' (fresh random indices per instance and "
-                          "forward; a baseline) or 'task' (one selection per task id passed as task_ids=...)."},
+                          "forward; a baseline) or 'task' (one selection per task id passed as mixlora_task_ids=...)."},
     )
     pooling: Literal["prompt", "all", "reference"] = field(
         default="prompt",
@@ -86,7 +86,7 @@ class MixLoraConfig(PeftConfig):
                           "'reference' (the reference code's separated sums and second softmax)."},
     )
     cfs_weight: float = field(default=1.0, metadata={"help": "Weight of the CFS scores added to the B router's."})
-    num_tasks: Optional[int] = field(
+    num_tasks: int | None = field(
         default=None, metadata={"help": "Number of task ids, required by routing='task'."}
     )
     init_weights: bool = field(

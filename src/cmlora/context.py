@@ -18,13 +18,15 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
 from .routing import Selection
 
 IGNORE_INDEX = -100
+# The keyword that carries task ids (routing='task') in model calls and generate. Not `task_ids`: PEFT's
+# PeftModelForCausalLM.forward consumes an argument of that name for its own methods and drops it.
+TASK_IDS_KWARG = "mixlora_task_ids"
 
 
 def is_continuing_cache(past_key_values: object) -> bool:
@@ -41,8 +43,8 @@ def is_continuing_cache(past_key_values: object) -> bool:
 
 
 def routing_mask(
-    attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor], pooling: str
-) -> Optional[torch.Tensor]:
+    attention_mask: torch.Tensor | None, labels: torch.Tensor | None, pooling: str
+) -> torch.Tensor | None:
     """The positions an instance is pooled over, [B, T] bool, or None for 'all positions'.
 
     'prompt': non-padding positions whose label is IGNORE_INDEX (the positions a generation prefill also sees);
@@ -104,21 +106,22 @@ class RoutingContext:
 
     def __init__(self) -> None:
         self.call_id = 0
-        self.attention_mask: Optional[torch.Tensor] = None
-        self.labels: Optional[torch.Tensor] = None
-        self.task_ids: Optional[torch.Tensor] = None
+        self.attention_mask: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self.task_ids: torch.Tensor | None = None
         self.continuing = False
-        self._masks: dict[str, Optional[torch.Tensor]] = {}
+        self._masks: dict[str, torch.Tensor | None] = {}
         self._selections: dict[tuple[str, str], Selection] = {}
         self.aux_losses: dict[tuple[str, str], torch.Tensor] = {}
         self._traces: list[RoutingTrace] = []
         self._traced: set[tuple[int, str, str]] = set()
+        self._generation_task_ids: torch.Tensor | None = None
 
     def begin_call(
         self,
-        attention_mask: Optional[torch.Tensor],
-        labels: Optional[torch.Tensor],
-        task_ids: Optional[torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        task_ids: torch.Tensor | None,
         past_key_values: object,
     ) -> None:
         self.call_id += 1
@@ -129,10 +132,32 @@ class RoutingContext:
             return  # masks, task ids and selections of the prefill stay in force
         self.attention_mask = attention_mask
         self.labels = labels
+        if task_ids is None:
+            task_ids = self._generation_task_ids
         self.task_ids = None if task_ids is None else torch.as_tensor(task_ids).long().view(-1)
         self._selections = {}
 
-    def pooling_mask(self, pooling: str, batch: int, seq_len: int) -> Optional[torch.Tensor]:
+    @contextlib.contextmanager
+    def generation_task_ids(self, task_ids: torch.Tensor | None) -> Iterator[None]:
+        """Task ids for every model call inside one `generate` (which cannot pass them through itself)."""
+        self._generation_task_ids = task_ids
+        try:
+            yield
+        finally:
+            self._generation_task_ids = None
+
+    def task_ids_for(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """Task ids for a batch of `batch` instances; generate's beams and return sequences repeat each row."""
+        if self.task_ids is None:
+            return None
+        count = self.task_ids.numel()
+        if count == batch:
+            return self.task_ids.to(device)
+        if batch % count == 0:
+            return self.task_ids.repeat_interleave(batch // count).to(device)
+        raise ValueError(f"task_ids has {count} entries but the batch has {batch} instances.")
+
+    def pooling_mask(self, pooling: str, batch: int, seq_len: int) -> torch.Tensor | None:
         """The mask for a layer input of shape [batch, seq_len, d]; None means pool over all positions.
 
         A layer whose input does not line up with the model call's tokens (e.g. a vision encoder's patches)
@@ -145,7 +170,7 @@ class RoutingContext:
             return None
         return mask
 
-    def cached_selection(self, layer: str, adapter: str, batch: int) -> Optional[Selection]:
+    def cached_selection(self, layer: str, adapter: str, batch: int) -> Selection | None:
         """The prefill's selection when this call continues a KV cache, else None."""
         if not self.continuing:
             return None

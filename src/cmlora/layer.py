@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -82,7 +82,7 @@ class FactorRouter(nn.Module):
         else:
             self.register_buffer(name, tensor, persistent=True)
 
-    def get(self, name: str) -> Optional[torch.Tensor]:
+    def get(self, name: str) -> torch.Tensor | None:
         return getattr(self, name, None)
 
     @torch.no_grad()
@@ -112,7 +112,7 @@ class MixLoraLayer(BaseTunerLayer):
         self.mixlora_settings: dict[str, AdapterSettings] = {}
         # Set by the tuner: the module path (for routing traces and error messages) and the shared context.
         self.mixlora_layer_name: str = ""
-        self.mixlora_context: Optional[RoutingContext] = None
+        self.mixlora_context: RoutingContext | None = None
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -155,7 +155,7 @@ class Linear(nn.Module, MixLoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, plain)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(MERGE_ERROR)
 
     def unmerge(self) -> None:
@@ -181,15 +181,18 @@ class Linear(nn.Module, MixLoraLayer):
         dropout = self.mixlora_dropout[adapter]
         x = self._cast_input_dtype(x, factors_a.dtype)
         if settings.plain:
-            return (dropout(x) @ factors_a.t()) @ factors_b * settings.scaling
+            return ((dropout(x) @ factors_a.t()) * settings.scaling) @ factors_b
         # Instances are the leading dimension; everything between it and the features is the sequence. Input of
         # shape (batch, features) is a batch of one-position sequences.
         seq = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 2 else x.view(1, 1, -1)
         selection = self._select(seq, adapter, settings)
         hidden = torch.bmm(dropout(seq), factors_a[selection.index_a].transpose(1, 2))  # [B, T, r]
+        # The scale (and the pair coefficients) multiply the small [B, T, r] tensor, not the [B, T, d_out] update.
         if selection.coef is not None:
-            hidden = hidden * selection.coef.to(hidden.dtype).unsqueeze(1)
-        update = torch.bmm(hidden, factors_b[selection.index_b]) * settings.scaling  # [B, T, d_out]
+            hidden = hidden * (settings.scaling * selection.coef.to(hidden.dtype)).unsqueeze(1)
+        else:
+            hidden = hidden * settings.scaling
+        update = torch.bmm(hidden, factors_b[selection.index_b])  # [B, T, d_out]
         return update.view(*x.shape[:-1], self.out_features)
 
     def _select(self, seq: torch.Tensor, adapter: str, settings: AdapterSettings) -> Selection:
@@ -218,7 +221,7 @@ class Linear(nn.Module, MixLoraLayer):
                 cfs_weight=settings.cfs_weight,
                 task_logits_a=router.get("task_logits_a") if router else None,
                 task_logits_b=router.get("task_logits_b") if router else None,
-                task_ids=None if context is None or context.task_ids is None else context.task_ids.to(seq.device),
+                task_ids=None if context is None else context.task_ids_for(batch, seq.device),
                 noise_std=settings.router_noise if self.training else 0.0,
                 batch=batch,
                 device=seq.device,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import re
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -14,7 +15,7 @@ from torch import nn
 
 from ._peft_registration import PREFIX
 from .config import MixLoraConfig
-from .context import RoutingContext, RoutingTrace
+from .context import TASK_IDS_KWARG, RoutingContext, RoutingTrace
 from .layer import MERGE_ERROR, Linear, MixLoraLayer
 
 _PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -31,7 +32,7 @@ _CONTEXT_ATTR = "_mixlora_routing_context"
 _HOOKS_ATTR = "_mixlora_hook_handles"
 
 
-def layer_index(module_name: str) -> Optional[int]:
+def layer_index(module_name: str) -> int | None:
     """The transformer-block index in a module path such as 'model.layers.3.self_attn.q_proj', or None."""
     match = _LAYER_INDEX.search(module_name)
     return int(match.group(1)) if match else None
@@ -41,7 +42,7 @@ class MixLoraModel(BaseTuner):
     """Creates a MixLoRA model from a transformers (or any torch) model; use it through `peft.get_peft_model`.
 
     Besides injecting layers, it registers a forward pre-hook on the wrapped model that hands each call's
-    `attention_mask`, `labels`, `past_key_values` and `task_ids` (popped, so the model never sees it) to the
+    `attention_mask`, `labels`, `past_key_values` and `mixlora_task_ids` (popped, so the model never sees it) to the
     layers, and a forward hook that adds the router load-balancing loss to the output's loss when configured.
     """
 
@@ -103,7 +104,7 @@ class MixLoraModel(BaseTuner):
         context = self.routing_context
 
         def before_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            task_ids = kwargs.pop("task_ids", None)
+            task_ids = kwargs.pop(TASK_IDS_KWARG, None)
             try:
                 bound = signature.bind_partial(*args, **kwargs).arguments
             except TypeError:
@@ -128,12 +129,33 @@ class MixLoraModel(BaseTuner):
             model.register_forward_pre_hook(before_call, with_kwargs=True),
             model.register_forward_hook(after_call, with_kwargs=True),
         ]
+        if callable(getattr(model, "generate", None)):
+            self._wrap_generate(model)
+
+    def _wrap_generate(self, model: nn.Module) -> None:
+        """Let `generate` take `mixlora_task_ids=` (routing='task') and hand it to every forward call it makes.
+
+        transformers' generate rejects keyword arguments its model's forward does not declare, so the task ids are
+        taken out before generate sees it. The wrapper is an instance attribute, removed again by unload().
+        """
+        original = model.generate
+        context = self.routing_context
+
+        @functools.wraps(original)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            with context.generation_task_ids(kwargs.pop(TASK_IDS_KWARG, None)):
+                return original(*args, **kwargs)
+
+        generate.__mixlora_wrapper__ = True
+        model.generate = generate
 
     def _remove_hooks(self) -> None:
         for handle in self.__dict__.pop(_HOOKS_ATTR, []):
             handle.remove()
+        if getattr(self.model.__dict__.get("generate"), "__mixlora_wrapper__", False):
+            del self.model.generate
 
-    def _router_aux_loss(self) -> Optional[torch.Tensor]:
+    def _router_aux_loss(self) -> torch.Tensor | None:
         """coef * (mean over layers of the load-balancing loss), summed over adapters; None if not configured."""
         per_adapter: dict[str, list[torch.Tensor]] = {}
         for (_, adapter), loss in self.routing_context.aux_losses.items():

@@ -7,10 +7,8 @@ B batch, T sequence, d input features, E factors per pool, r factors selected.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -24,16 +22,16 @@ class Selection:
 
     index_a: torch.Tensor  # [B, r] long
     index_b: torch.Tensor  # [B, r] long
-    coef: Optional[torch.Tensor] = None  # [B, r] float
-    probs_a: Optional[torch.Tensor] = None  # [B, E] router distribution, for the load-balancing loss
-    probs_b: Optional[torch.Tensor] = None  # [B, E]
+    coef: torch.Tensor | None = None  # [B, r] float
+    probs_a: torch.Tensor | None = None  # [B, E] router distribution, for the load-balancing loss
+    probs_b: torch.Tensor | None = None  # [B, E]
 
     @property
     def batch_size(self) -> int:
         return self.index_a.shape[0]
 
 
-def pool(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def pool(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of x [B, T, d] over the positions where mask [B, T] is true (all positions when mask is None).
 
     Computed as a batched matrix product (mask @ x) so no [B, T, d] temporary is created. An instance whose mask
@@ -49,20 +47,26 @@ def pool(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def ifs_logits(xbar: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-    """Independent Factor Selection logits W xbar: [B, d] x [E, d] -> [B, E] (float32 for stable ranking)."""
-    return xbar.float() @ router_weight.float().t()
+    """Independent Factor Selection logits W xbar: [B, d] x [E, d] -> [B, E], returned in float32.
+
+    The small operand is cast to the router's dtype, never the router to float32: a float32 copy of every
+    router on every call would cost memory that LoRA does not spend (routers are kept in the base model's
+    dtype when they do not train, as in the reference code).
+    """
+    return (xbar.to(router_weight.dtype) @ router_weight.t()).float()
 
 
 def cfs_scores_paper(selected_a: torch.Tensor, cfs_weight: torch.Tensor) -> torch.Tensor:
     """p_CFS = sum_i softmax(A_x[i] . W_AB[i]) (method.md 3.3): [B, r, d] x [r, d, E] -> [B, E]."""
-    logits = torch.einsum("brd,rde->bre", selected_a.float(), cfs_weight.float())
-    return logits.softmax(dim=-1).sum(dim=1)
+    logits = torch.einsum("brd,rde->bre", selected_a.to(cfs_weight.dtype), cfs_weight)
+    return logits.float().softmax(dim=-1).sum(dim=1)
 
 
 def cfs_scores_reference(selected_a: torch.Tensor, cfs_weight: torch.Tensor) -> torch.Tensor:
     """The reference code's CFS (method.md 3.3 a-b): softmax(sum_i softmax((sum_d a_i) * (sum_d W_AB[i, d])))."""
     # einsum('brd,rfe->bre') with distinct d and f sums each operand over its own index separately.
-    logits = selected_a.float().sum(dim=-1).unsqueeze(-1) * cfs_weight.float().sum(dim=1).unsqueeze(0)
+    logits = (selected_a.sum(dim=-1, dtype=torch.float32).unsqueeze(-1)
+              * cfs_weight.sum(dim=1, dtype=torch.float32).unsqueeze(0))
     return logits.softmax(dim=-1).sum(dim=1).softmax(dim=-1)
 
 
@@ -77,7 +81,7 @@ def random_indices(batch: int, num_factors: int, r: int, device: torch.device) -
     return torch.rand(batch, num_factors, device=device).argsort(dim=-1)[:, :r]
 
 
-def pair_coefficients(top_a: torch.Tensor, top_b: torch.Tensor, mode: str) -> Optional[torch.Tensor]:
+def pair_coefficients(top_a: torch.Tensor, top_b: torch.Tensor, mode: str) -> torch.Tensor | None:
     """Per-pair multipliers for the router-gradient modes.
 
     'scores': pair i is scaled by (r * renormalised score of A factor i) * (r * renormalised score of B factor i);
@@ -108,24 +112,24 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Ten
 
 
 def route(
-    xbar: Optional[torch.Tensor],
+    xbar: torch.Tensor | None,
     *,
     r: int,
     num_factors: int,
     routing: str,
     router_grad: str,
     factors_a: torch.Tensor,
-    router_a: Optional[torch.Tensor] = None,
-    router_b: Optional[torch.Tensor] = None,
-    router_cfs: Optional[torch.Tensor] = None,
+    router_a: torch.Tensor | None = None,
+    router_b: torch.Tensor | None = None,
+    router_cfs: torch.Tensor | None = None,
     cfs: str = "paper",
     cfs_weight: float = 1.0,
-    task_logits_a: Optional[torch.Tensor] = None,
-    task_logits_b: Optional[torch.Tensor] = None,
-    task_ids: Optional[torch.Tensor] = None,
+    task_logits_a: torch.Tensor | None = None,
+    task_logits_b: torch.Tensor | None = None,
+    task_ids: torch.Tensor | None = None,
     noise_std: float = 0.0,
-    batch: Optional[int] = None,
-    device: Optional[torch.device] = None,
+    batch: int | None = None,
+    device: torch.device | None = None,
 ) -> Selection:
     """Select r A factors and r B factors for each instance.
 
@@ -138,8 +142,8 @@ def route(
     if routing == "task":
         if task_ids is None:
             raise ValueError(
-                "routing='task' needs the task of every instance: pass task_ids=LongTensor[batch] to the model call "
-                "(forward or generate)."
+                "routing='task' needs the task of every instance: pass mixlora_task_ids=LongTensor[batch] to the "
+                "model call (forward or generate)."
             )
         logits_a = task_logits_a.float()[task_ids]
         logits_b = task_logits_b.float()[task_ids]

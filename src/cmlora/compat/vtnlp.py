@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ def config_from_reference_args(args: Mapping[str, Any], **overrides: Any) -> Mix
     return MixLoraConfig(**values)
 
 
-def _module_suffix(name: str) -> Optional[str]:
+def _module_suffix(name: str) -> str | None:
     match = _MODULE_SUFFIX.search(name + ".")
     return match.group(1) if match else None
 
