@@ -114,7 +114,7 @@ class MaterialisedMixLora(nn.Module):
         self.factors_a = nn.Parameter(mixlora_layer.mixlora_factors_a["default"].detach().clone())
         self.factors_b = nn.Parameter(mixlora_layer.mixlora_factors_b["default"].detach().clone())
         router = mixlora_layer.mixlora_router["default"]
-        for name in ("weight_a", "weight_b", "weight_cfs"):
+        for name in ("weight_ifs", "weight_cfs"):
             self.register_buffer(name, getattr(router, name).detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ class MaterialisedMixLora(nn.Module):
         with torch.no_grad():
             selection = route(pool(x, None), r=self.config.r, num_factors=self.config.num_factors,
                               routing="ifs+cfs", router_grad="none", factors_a=self.factors_a,
-                              router_a=self.weight_a, router_b=self.weight_b, router_cfs=self.weight_cfs,
+                              router_ifs=self.weight_ifs, router_cfs=self.weight_cfs,
                               cfs=self.config.cfs, cfs_weight=self.config.cfs_weight)
         lora_a = self.factors_a[selection.index_a].transpose(1, 2)  # [B, d_in, r]
         lora_b = self.factors_b[selection.index_b]  # [B, r, d_out]

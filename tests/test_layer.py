@@ -52,7 +52,7 @@ def test_two_dimensional_input_is_a_batch_of_one_position_sequences():
         out = layer(x)
     # each row routes on itself: the pooled representation of a one-position sequence is the row
     router = layer.mixlora_router["default"]
-    expected_a = torch.topk(x @ router.weight_a.t(), 2).indices
+    expected_a = torch.topk(x @ router.weight_ifs[0].t(), 2).indices
     assert torch.equal(trace.indices("lin0", "a"), expected_a)
     expected = slow_update(x.unsqueeze(1), layer, "default", trace.indices("lin0", "a"), trace.indices("lin0", "b"))
     torch.testing.assert_close(out, expected.squeeze(1), atol=1e-5, rtol=1e-5)

@@ -45,8 +45,8 @@ def test_pooling_mask_comes_from_attention_mask_and_labels(pooling):
         assert wanted.sum(dim=1).tolist() == [3, 3]
     router = layer.mixlora_router["default"]
     expected = route(pool(x, wanted), r=2, num_factors=8, routing="ifs+cfs", router_grad="none",
-                     factors_a=layer.mixlora_factors_a["default"], router_a=router.weight_a,
-                     router_b=router.weight_b, router_cfs=router.weight_cfs)
+                     factors_a=layer.mixlora_factors_a["default"], router_ifs=router.weight_ifs,
+                     router_cfs=router.weight_cfs)
     assert torch.equal(trace.indices(LAYER, "a"), expected.index_a)
     assert torch.equal(trace.indices(LAYER, "b"), expected.index_b)
 

@@ -67,13 +67,11 @@ class FactorRouter(nn.Module):
         self.trainable = config.router_grad != "none"
         E, r = config.num_factors, config.r
         if config.routing in ("ifs", "ifs+cfs"):
-            self._add("weight_a", torch.empty(E, in_features))
-            self._add("weight_b", torch.empty(E, in_features))
+            self._add("weight_ifs", torch.empty(2, E, in_features))  # [0]: W_A, [1]: W_B (one matmul for both)
         if config.routing == "ifs+cfs":
             self._add("weight_cfs", torch.empty(r, in_features, E))  # W_AB in R^{r x d_in x E}
         if config.routing == "task":
-            self._add("task_logits_a", torch.empty(config.num_tasks, E))
-            self._add("task_logits_b", torch.empty(config.num_tasks, E))
+            self._add("task_logits", torch.empty(2, config.num_tasks, E))  # [0]: A, [1]: B
         self.reset_parameters()
 
     def _add(self, name: str, tensor: torch.Tensor) -> None:
@@ -87,16 +85,15 @@ class FactorRouter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        for name in ("weight_a", "weight_b"):
-            if self.get(name) is not None:  # like nn.Linear(d_in, E, bias=False), as the reference routers
-                nn.init.kaiming_uniform_(self.get(name), a=math.sqrt(5))
+        if self.get("weight_ifs") is not None:  # each like nn.Linear(d_in, E, bias=False), as the reference's
+            for router in self.weight_ifs:
+                nn.init.kaiming_uniform_(router, a=math.sqrt(5))
         if self.get("weight_cfs") is not None:  # like the reference's nn.Linear(r * d_in, E)
             r, d_in, _ = self.weight_cfs.shape
             bound = 1.0 / math.sqrt(r * d_in)
             self.weight_cfs.uniform_(-bound, bound)
-        for name in ("task_logits_a", "task_logits_b"):
-            if self.get(name) is not None:
-                nn.init.normal_(self.get(name))
+        if self.get("task_logits") is not None:
+            nn.init.normal_(self.task_logits)
 
 
 class MixLoraLayer(BaseTunerLayer):
@@ -170,30 +167,38 @@ class Linear(nn.Module, MixLoraLayer):
             return result
         for adapter in self.active_adapters:
             if adapter in self.mixlora_factors_a:
-                result = result + self._update(x, adapter).to(result.dtype)
+                result = self._add_update(result, x, adapter)
         return result
 
-    def _update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        """s * B_x A_x x for every instance, as (x @ A_x^T) @ B_x^T: a gather and two batched matmuls."""
+    def _add_update(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """result + s * B_x A_x x for every instance, as (x @ A_x^T) @ B_x^T: gathers and two batched matmuls."""
         settings = self.mixlora_settings[adapter]
         factors_a = self.mixlora_factors_a[adapter]
         factors_b = self.mixlora_factors_b[adapter]
         dropout = self.mixlora_dropout[adapter]
         x = self._cast_input_dtype(x, factors_a.dtype)
         if settings.plain:
-            return ((dropout(x) @ factors_a.t()) * settings.scaling) @ factors_b
+            return result + (((dropout(x) @ factors_a.t()) * settings.scaling) @ factors_b).to(result.dtype)
         # Instances are the leading dimension; everything between it and the features is the sequence. Input of
         # shape (batch, features) is a batch of one-position sequences.
         seq = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 2 else x.view(1, 1, -1)
+        batch, seq_len, _ = seq.shape
         selection = self._select(seq, adapter, settings)
-        hidden = torch.bmm(dropout(seq), factors_a[selection.index_a].transpose(1, 2))  # [B, T, r]
+        r = settings.r
+        # index_select, not advanced indexing: its backward is one index_add instead of a sort-based index_put.
+        a_x = factors_a.index_select(0, selection.index_a.reshape(-1)).view(batch, r, self.in_features)
+        b_x = factors_b.index_select(0, selection.index_b.reshape(-1)).view(batch, r, self.out_features)
+        hidden = torch.bmm(dropout(seq), a_x.transpose(1, 2))  # [B, T, r]
         # The scale (and the pair coefficients) multiply the small [B, T, r] tensor, not the [B, T, d_out] update.
         if selection.coef is not None:
             hidden = hidden * (settings.scaling * selection.coef.to(hidden.dtype)).unsqueeze(1)
         else:
             hidden = hidden * settings.scaling
-        update = torch.bmm(hidden, factors_b[selection.index_b])  # [B, T, d_out]
-        return update.view(*x.shape[:-1], self.out_features)
+        if result.dtype == hidden.dtype:
+            # The residual add fused into the second matmul: one pass over the [B, T, d_out] output, not two.
+            flat = result.reshape(batch, seq_len, self.out_features)
+            return torch.baddbmm(flat, hidden, b_x).view(result.shape)
+        return result + torch.bmm(hidden, b_x).view(result.shape).to(result.dtype)
 
     def _select(self, seq: torch.Tensor, adapter: str, settings: AdapterSettings) -> Selection:
         context = self.mixlora_context
@@ -214,13 +219,11 @@ class Linear(nn.Module, MixLoraLayer):
                 routing=settings.routing,
                 router_grad=settings.router_grad,
                 factors_a=self.mixlora_factors_a[adapter],
-                router_a=router.get("weight_a") if router else None,
-                router_b=router.get("weight_b") if router else None,
+                router_ifs=router.get("weight_ifs") if router else None,
                 router_cfs=router.get("weight_cfs") if router else None,
                 cfs=settings.cfs,
                 cfs_weight=settings.cfs_weight,
-                task_logits_a=router.get("task_logits_a") if router else None,
-                task_logits_b=router.get("task_logits_b") if router else None,
+                task_logits=router.get("task_logits") if router else None,
                 task_ids=None if context is None else context.task_ids_for(batch, seq.device),
                 noise_std=settings.router_noise if self.training else 0.0,
                 batch=batch,
@@ -229,9 +232,11 @@ class Linear(nn.Module, MixLoraLayer):
         if context is not None:
             context.store(self.mixlora_layer_name, adapter, selection)
             if settings.aux_loss and self.training and torch.is_grad_enabled():
+                # B's distribution: the combined (IFS + CFS) scores, renormalised to sum to one.
+                probs_b = selection.scores_b / selection.scores_b.sum(dim=-1, keepdim=True)
                 context.aux_losses[(self.mixlora_layer_name, adapter)] = load_balancing_loss(
                     selection.probs_a, selection.index_a
-                ) + load_balancing_loss(selection.probs_b, selection.index_b)
+                ) + load_balancing_loss(probs_b, selection.index_b)
         return selection
 
     def __repr__(self) -> str:

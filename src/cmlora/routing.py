@@ -23,8 +23,8 @@ class Selection:
     index_a: torch.Tensor  # [B, r] long
     index_b: torch.Tensor  # [B, r] long
     coef: torch.Tensor | None = None  # [B, r] float
-    probs_a: torch.Tensor | None = None  # [B, E] router distribution, for the load-balancing loss
-    probs_b: torch.Tensor | None = None  # [B, E]
+    probs_a: torch.Tensor | None = None  # [B, E] A router distribution, for the load-balancing loss
+    scores_b: torch.Tensor | None = None  # [B, E] B router probabilities (+ weighted CFS scores)
 
     @property
     def batch_size(self) -> int:
@@ -34,26 +34,27 @@ class Selection:
 def pool(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of x [B, T, d] over the positions where mask [B, T] is true (all positions when mask is None).
 
-    Computed as a batched matrix product (mask @ x) so no [B, T, d] temporary is created. An instance whose mask
-    is empty must be handled by the caller (see `routing_mask`), never divided by zero here.
+    Computed as a batched matrix product (mask @ x) so no [B, T, d] temporary is created. Callers make sure no
+    instance has an empty mask (see `context.routing_mask`); should one slip through, it pools to zeros rather
+    than NaN. No host-device synchronisation happens here: this runs in every adapted layer.
     """
     if mask is None:
         return x.mean(dim=1)
     weights = mask.to(x.dtype)
-    counts = weights.sum(dim=1, keepdim=True)
-    if bool((counts == 0).any()):
-        raise ValueError("pool(): an instance has no position to pool over (its mask is all false).")
+    counts = weights.sum(dim=1, keepdim=True).clamp(min=1)
     return torch.bmm((weights / counts).unsqueeze(1), x).squeeze(1)
 
 
-def ifs_logits(xbar: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-    """Independent Factor Selection logits W xbar: [B, d] x [E, d] -> [B, E], returned in float32.
+def ifs_logits(xbar: torch.Tensor, router_ifs: torch.Tensor) -> torch.Tensor:
+    """Independent Factor Selection logits [W_A xbar, W_B xbar]: [B, d] x [2, E, d] -> [B, 2, E], in float32.
 
-    The small operand is cast to the router's dtype, never the router to float32: a float32 copy of every
-    router on every call would cost memory that LoRA does not spend (routers are kept in the base model's
-    dtype when they do not train, as in the reference code).
+    Both routers run as one matrix product. The small operand is cast to the routers' dtype, never the routers
+    to float32: a float32 copy of every router on every call would cost memory that LoRA does not spend
+    (routers that do not train are kept in the base model's dtype, as in the reference code).
     """
-    return (xbar.to(router_weight.dtype) @ router_weight.t()).float()
+    two, num_factors, features = router_ifs.shape
+    logits = xbar.to(router_ifs.dtype) @ router_ifs.reshape(two * num_factors, features).t()
+    return logits.float().view(-1, two, num_factors)
 
 
 def cfs_scores_paper(selected_a: torch.Tensor, cfs_weight: torch.Tensor) -> torch.Tensor:
@@ -119,13 +120,11 @@ def route(
     routing: str,
     router_grad: str,
     factors_a: torch.Tensor,
-    router_a: torch.Tensor | None = None,
-    router_b: torch.Tensor | None = None,
+    router_ifs: torch.Tensor | None = None,
     router_cfs: torch.Tensor | None = None,
     cfs: str = "paper",
     cfs_weight: float = 1.0,
-    task_logits_a: torch.Tensor | None = None,
-    task_logits_b: torch.Tensor | None = None,
+    task_logits: torch.Tensor | None = None,
     task_ids: torch.Tensor | None = None,
     noise_std: float = 0.0,
     batch: int | None = None,
@@ -133,8 +132,9 @@ def route(
 ) -> Selection:
     """Select r A factors and r B factors for each instance.
 
-    routing: 'ifs' (two independent routers on xbar), 'ifs+cfs' (B scores refined by the selected A factors),
-    'random' (fresh random indices), 'task' (router logits looked up per task id instead of computed from xbar).
+    routing: 'ifs' (routers W_A = router_ifs[0] and W_B = router_ifs[1] on xbar), 'ifs+cfs' (B scores refined
+    by the selected A factors through router_cfs = W_AB [r, d, E]), 'random' (fresh random indices), 'task'
+    (logits looked up per task id in task_logits [2, num_tasks, E] instead of computed from xbar).
     """
     if routing == "random":
         return Selection(random_indices(batch, num_factors, r, device), random_indices(batch, num_factors, r, device))
@@ -145,24 +145,23 @@ def route(
                 "routing='task' needs the task of every instance: pass mixlora_task_ids=LongTensor[batch] to the "
                 "model call (forward or generate)."
             )
-        logits_a = task_logits_a.float()[task_ids]
-        logits_b = task_logits_b.float()[task_ids]
+        logits = task_logits.float().index_select(1, task_ids).transpose(0, 1)  # [B, 2, E]
     else:
-        logits_a = ifs_logits(xbar, router_a)
-        logits_b = ifs_logits(xbar, router_b)
+        logits = ifs_logits(xbar, router_ifs)
     if noise_std > 0:
-        logits_a = logits_a + noise_std * torch.randn_like(logits_a)
-        logits_b = logits_b + noise_std * torch.randn_like(logits_b)
+        logits = logits + noise_std * torch.randn_like(logits)
+    probs = logits.softmax(dim=-1)
+    probs_a, probs_b = probs[:, 0], probs[:, 1]
 
-    probs_a = logits_a.softmax(dim=-1)
-    index_a, top_a = select_top_r(probs_a, r)
-    probs_b = logits_b.softmax(dim=-1)
-    scores_b = probs_b
-    if routing == "ifs+cfs":
-        selected_a = factors_a[index_a]
+    if routing != "ifs+cfs":  # A and B are independent: one top-r over both
+        indices, top = select_top_r(probs, r)
+        index_a, index_b, top_a, top_b = indices[:, 0], indices[:, 1], top[:, 0], top[:, 1]
+        scores_b = probs_b
+    else:
+        index_a, top_a = select_top_r(probs_a, r)
+        selected_a = factors_a.index_select(0, index_a.reshape(-1)).view(*index_a.shape, -1)
         cfs_fn = cfs_scores_paper if cfs == "paper" else cfs_scores_reference
-        scores_b = probs_b + cfs_weight * cfs_fn(selected_a, router_cfs)
-    index_b, top_b = select_top_r(scores_b, r)
+        scores_b = torch.add(probs_b, cfs_fn(selected_a, router_cfs), alpha=cfs_weight)
+        index_b, top_b = select_top_r(scores_b, r)
     coef = pair_coefficients(top_a, top_b, router_grad)
-    # The B distribution for load balancing: the combined scores, renormalised to sum to one.
-    return Selection(index_a, index_b, coef, probs_a, scores_b / scores_b.sum(dim=-1, keepdim=True))
+    return Selection(index_a, index_b, coef, probs_a, scores_b)

@@ -110,12 +110,12 @@ def _load_layer(layer: MixLoraLayer, adapter: str, entries: dict[str, torch.Tens
     if settings.routing not in ("ifs", "ifs+cfs"):
         raise ValueError(f"reference checkpoints use routing 'ifs' or 'ifs+cfs', the model uses {settings.routing!r}")
     router = layer.mixlora_router[adapter]
-    router.weight_a.copy_(_take(entries, module, "cmoa_selector.loraA_selector.weight", (E, d_in)))
+    router.weight_ifs[0].copy_(_take(entries, module, "cmoa_selector.loraA_selector.weight", (E, d_in)))
     if settings.routing == "ifs":
-        router.weight_b.copy_(_take(entries, module, "cmoa_selector.loraB_selector.weight", (E, d_in)))
+        router.weight_ifs[1].copy_(_take(entries, module, "cmoa_selector.loraB_selector.weight", (E, d_in)))
         return
     extra = "cmoa_loarB_extra_selector."
-    router.weight_b.copy_(_take(entries, module, extra + "loraB_selector.weight", (E, d_in)))
+    router.weight_ifs[1].copy_(_take(entries, module, extra + "loraB_selector.weight", (E, d_in)))
     cfs = _take(entries, module, extra + "loraA_param2loraB_selector.weight", (E, r * d_in))
     # The reference reshapes its Linear(r*d_in, E) weight 'E (r d) -> r d E'.
     router.weight_cfs.copy_(cfs.reshape(E, r, d_in).permute(1, 2, 0))
