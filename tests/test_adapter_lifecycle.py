@@ -104,12 +104,18 @@ def test_loading_needs_trainable_flag_to_train(tmp_path):
     assert any("mixlora_router" in n for n in names) and any("mixlora_factors_a" in n for n in names)
 
 
-def test_disable_adapter_gives_the_base_model_exactly():
+def base_logits_then_adapt():
+    """Logits of the base model on some ids, then the same model with a (non-zero) MixLoRA adapter."""
     base = tiny_llama()
     ids = random_tokens(2, 6)
     with torch.no_grad():
         expected = base(input_ids=ids).logits
     model = get_peft_model(base, MixLoraConfig(num_factors=8, r=2, target_modules=["q_proj"], init_weights=False))
+    return model, ids, expected
+
+
+def test_disable_adapter_gives_the_base_model_exactly():
+    model, ids, expected = base_logits_then_adapt()
     with torch.no_grad():
         assert not torch.equal(model(input_ids=ids).logits, expected)
         with model.disable_adapter():
@@ -142,11 +148,7 @@ def test_merging_explains_why_it_is_impossible():
 
 
 def test_unload_returns_the_base_model_without_hooks():
-    base = tiny_llama()
-    ids = random_tokens(2, 6)
-    with torch.no_grad():
-        expected = base(input_ids=ids).logits
-    model = get_peft_model(base, MixLoraConfig(num_factors=8, r=2, target_modules=["q_proj"], init_weights=False))
+    model, ids, expected = base_logits_then_adapt()
     restored = model.unload()
     assert not restored._forward_pre_hooks and not restored._forward_hooks
     assert "generate" not in restored.__dict__
