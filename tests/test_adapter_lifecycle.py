@@ -154,3 +154,26 @@ def test_unload_returns_the_base_model_without_hooks():
     assert "generate" not in restored.__dict__
     with torch.no_grad():
         assert torch.equal(restored(input_ids=ids).logits, expected)
+
+
+def test_layers_to_transform_limits_the_adapted_layers():
+    model = build(layers_to_transform=[1])
+    adapted = [n for n, m in model.named_modules() if isinstance(m, cmlora.MixLoraLayer)]
+    assert adapted and all(".layers.1." in n for n in adapted)
+
+
+def test_bfloat16_base_model_trains_and_generates():
+    base = tiny_llama().to(torch.bfloat16)
+    model = get_peft_model(base, MixLoraConfig(num_factors=8, r=2, target_modules=["q_proj", "down_proj"],
+                                               router_grad="scores", init_weights=False))
+    ids = random_tokens(2, 6)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    model.train()
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "mixlora_router" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    assert model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (2, 8)
