@@ -1,0 +1,64 @@
+"""The `cmlora` command.
+
+    cmlora train --config configs/tiny.yaml [--key value ...] [--resume]
+    cmlora tiny-model --out runs/tiny-llava
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """`--key value` pairs (values read as YAML scalars: 3, 4e-5, true, null, [q_proj, v_proj]) into a dict."""
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or len(token) <= 2:
+            raise SystemExit(f"cmlora: expected --key value, got {token!r}")
+        key = token[2:].replace("-", "_")
+        if "=" in key:
+            key, value = key.split("=", 1)
+            index += 1
+        elif index + 1 < len(tokens):
+            value = tokens[index + 1]
+            index += 2
+        else:
+            raise SystemExit(f"cmlora: --{key} needs a value")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cmlora", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser("train", help="instruction-tune a VLM (MixLoRA, LoRA or full)",
+                                       description="Any TrainConfig field can be overridden as --field value.")
+    train_parser.add_argument("--config", help="YAML file of TrainConfig fields (configs/*.yaml)")
+    train_parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    tiny_parser = commands.add_parser("tiny-model", help="write a tiny random LLaVA (model + processor), offline")
+    tiny_parser.add_argument("--out", required=True, help="folder to write the checkpoint to")
+    tiny_parser.add_argument("--seed", type=int, default=0)
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "train" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "tiny-model":
+        from .vlm import TinySpec, tiny
+
+        print(f"[cmlora] tiny LLaVA written to {tiny(args.out, TinySpec(seed=args.seed))}")
+    if args.command == "train":
+        from .train import load_config, train
+
+        config = load_config(args.config, parse_overrides(rest))
+        run_dir = train(config, resume=args.resume)
+        print(f"[cmlora] run saved to {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

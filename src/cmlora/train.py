@@ -1,0 +1,319 @@
+"""The training recipe: instruction-tune a VLM with MixLoRA, PEFT LoRA or in full, on Hugging Face Trainer.
+
+One YAML file (configs/*.yaml) maps one-to-one onto `TrainConfig`; `cmlora train --config F [--key value ...]`
+overrides single fields. A run directory holds:
+
+    config.yaml             the resolved configuration (every field)
+    adapter/                the adapter in PEFT format (lora, mixlora); it also holds the projector, which PEFT
+                            saves as a `modules_to_save` weight in adapter_model.safetensors
+    model/                  the whole model (adapter: full)
+    metrics.json            final training metrics, the skip report, the router statistics
+    log_history.jsonl       every logged step
+    checkpoints/            Trainer checkpoints, for `--resume`
+
+`load_run(run_dir)` returns the ready model and processor. Distributed runs go through torchrun
+(`torchrun --nproc_per_node N -m cmlora train ...`) or DeepSpeed (`deepspeed: configs/deepspeed/zero2.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from . import vlm
+from .config import MixLoraConfig
+from .layer import MixLoraLayer
+
+ADAPTERS = ("mixlora", "lora", "full")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Defaults: the paper's LLaVA-7B recipe (method.md section 4)."""
+
+    model: str = field(default="", metadata={"help": "Base VLM: a hub id or a local folder (cmlora.vlm.load)."})
+    data: str = field(default="", metadata={"help": "Training records: Vision-Flan / LLaVA JSON or JSONL."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the records' image paths are in."})
+    output_dir: str = field(default="runs/run", metadata={"help": "The run directory."})
+    adapter: str = field(default="mixlora", metadata={"help": "mixlora, lora (PEFT LoRA) or full."})
+    template: str = field(default="vicuna_v1", metadata={"help": "Conversation template: vicuna_v1 or chat."})
+    max_length: int = field(default=1792, metadata={"help": "Truncate examples to this many tokens."})
+    skip_bad_records: bool = field(default=False, metadata={"help": "Skip and count bad records, not fail."})
+    # adapter
+    r: int = field(default=4, metadata={"help": "Rank (LoRA) / factors selected per instance (MixLoRA)."})
+    num_factors: int = field(default=16, metadata={"help": "MixLoRA: factors per pool (E)."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "Scale numerator; None: 2E (MixLoRA), 2r (LoRA)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter branch input."})
+    routing: str = field(default="ifs+cfs", metadata={"help": "MixLoRA routing (see MixLoraConfig)."})
+    pooling: str = field(default="prompt", metadata={"help": "MixLoRA instance representation."})
+    router_grad: str = field(default="none", metadata={"help": "MixLoRA router gradient mode."})
+    router_aux_loss_coef: float = field(default=0.0, metadata={"help": "MixLoRA load-balancing loss weight."})
+    router_noise: float = field(default=0.0, metadata={"help": "MixLoRA router logit noise (training only)."})
+    cfs: str = field(default="paper", metadata={"help": "MixLoRA CFS arithmetic: paper or reference."})
+    cfs_weight: float = field(default=1.0, metadata={"help": "MixLoRA CFS weight."})
+    mix_start_layer: int = field(default=0, metadata={"help": "MixLoRA: plain LoRA below this layer."})
+    target_modules: str | list[str] | None = field(
+        default=None, metadata={"help": "Adapted modules; None: the language model's q,k,v,o,gate,up,down."})
+    train_projector: bool = field(default=True, metadata={"help": "Train the vision-language projector in full."})
+    # optimisation
+    epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: epochs)."})
+    learning_rate: float = field(default=4e-5, metadata={"help": "Peak learning rate."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "transformers scheduler name."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Share of steps spent warming up."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    batch_size: int = field(default=16, metadata={"help": "Examples per device per micro-batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    seed: int = field(default=42, metadata={"help": "Seed of everything random in the run."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N optimizer steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+    deepspeed: str | None = field(default=None, metadata={"help": "A DeepSpeed JSON config (ZeRO-2 / ZeRO-3)."})
+    tensorboard: bool = field(default=False, metadata={"help": "Also log to TensorBoard (run_dir/tensorboard)."})
+    use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even if a GPU is present."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file plus overrides; unknown keys are an error naming the file and key."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a training config must be a YAML mapping of field: value")
+        values.update(loaded)
+    values.update(overrides or {})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path or 'overrides'}: unknown config key(s) {unknown}; known keys: {sorted(known)}")
+    return TrainConfig(**values)
+
+
+def build_adapter_model(model: nn.Module, config: TrainConfig, num_tasks: int | None = None) -> nn.Module:
+    """Wrap `model` with the configured adapter; the vision tower stays frozen, the projector trains.
+
+    `num_tasks` (the size of the data's task vocabulary) is needed by MixLoRA's routing='task' only.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    defaults = vlm.mixlora_targets(model)
+    targets = config.target_modules or defaults["target_modules"]
+    modules_to_save = defaults["modules_to_save"] if config.train_projector else None
+    if config.adapter == "full":
+        for name, param in model.named_parameters():
+            in_language_model = "language_model" in name or "lm_head" in name
+            in_projector = any(m in name for m in defaults["modules_to_save"]) and config.train_projector
+            param.requires_grad_(in_language_model or in_projector)
+        return model
+    if config.adapter == "lora":
+        adapter_config = LoraConfig(r=config.r, lora_alpha=config.lora_alpha or 2 * config.r,
+                                    lora_dropout=config.lora_dropout, target_modules=targets,
+                                    modules_to_save=modules_to_save)
+    else:
+        adapter_config = MixLoraConfig(
+            num_factors=config.num_factors, r=config.r, lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout, target_modules=targets, modules_to_save=modules_to_save,
+            mix_start_layer=config.mix_start_layer, routing=config.routing, pooling=config.pooling,
+            router_grad=config.router_grad, router_aux_loss_coef=config.router_aux_loss_coef,
+            router_noise=config.router_noise, cfs=config.cfs, cfs_weight=config.cfs_weight,
+            num_tasks=num_tasks if config.routing == "task" else None,
+        )
+    return get_peft_model(model, adapter_config)
+
+
+def router_statistics(model: nn.Module) -> dict[str, float]:
+    """Factor-usage entropy of the last batch (mean over MixLoRA layers, in [0, 1]) and the aux loss."""
+    entropies = []
+    for module in model.modules():
+        if not isinstance(module, MixLoraLayer) or module.mixlora_context is None:
+            continue
+        for adapter, settings in module.mixlora_settings.items():
+            selection = module.mixlora_context._selections.get((module.mixlora_layer_name, adapter))
+            if selection is None or settings.plain:
+                continue
+            for indices in (selection.index_a, selection.index_b):
+                counts = torch.bincount(indices.reshape(-1), minlength=settings.num_factors).float()
+                p = counts / counts.sum()
+                entropy = -(p[p > 0] * p[p > 0].log()).sum() / math.log(settings.num_factors)
+                entropies.append(float(entropy))
+    stats = {}
+    if entropies:
+        stats["router_usage_entropy"] = sum(entropies) / len(entropies)
+    for module in model.modules():
+        aux = module.__dict__.get("router_aux_loss")
+        if aux is not None:
+            stats["router_aux_loss"] = float(aux.detach())
+    return stats
+
+
+def atomic_write_dir(final: Path, write: Any) -> None:
+    """Write a directory through a temporary sibling and rename it, so a killed run never leaves half of one."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Checkpoints whose trainer_state.json exists (Trainer writes it last), oldest first."""
+    found = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def prepare_for_zero3(model: nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3, gather a MixLoRA layer's factor pools and routers whenever the layer runs.
+
+    ZeRO-3 gathers the parameters of a module when that module is called; the factor pools live in ParameterDicts
+    that are indexed, never called. Marking the adapted Linear as a ZeRO-3 leaf module makes DeepSpeed fetch all
+    of its parameters (base weight, factors, routers) at the layer's forward, as it does for MoE blocks.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from .layer import Linear
+
+    set_z3_leaf_modules(model, [Linear])
+
+
+def _zero_stage(deepspeed_config: str | None) -> int:
+    if not deepspeed_config:
+        return 0
+    return int(json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0))
+
+
+def _trainer_class() -> type:
+    from transformers import Trainer
+
+    class CmloraTrainer(Trainer):
+        """Trainer that adds MixLoRA's router statistics to every log line."""
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if "loss" in logs:
+                logs.update(router_statistics(self.model))
+            super().log(logs, *args, **kwargs)
+
+    return CmloraTrainer
+
+
+def _training_arguments(config: TrainConfig, run_dir: Path) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
+        weight_decay=config.weight_decay,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.bf16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        deepspeed=config.deepspeed,
+        report_to=["tensorboard"] if config.tensorboard else [],
+        logging_dir=str(run_dir / "tensorboard") if config.tensorboard else None,
+        use_cpu=config.use_cpu,
+        dataloader_num_workers=config.dataloader_num_workers,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+
+
+def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None = None) -> Path:
+    """Run the recipe; returns the run directory.
+
+    `resume` continues from the newest complete checkpoint (one whose trainer_state.json, written last, exists;
+    a checkpoint cut short by a killed process is ignored). `callbacks`: extra transformers TrainerCallbacks.
+    """
+    from transformers import set_seed
+
+    from .data import InstructionCollator, InstructionDataset, load_records
+
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    model, processor = vlm.load(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32)
+    records, skipped = load_records(config.data, config.image_folder, skip_bad_records=config.skip_bad_records)
+    dataset = InstructionDataset(records, processor, template=config.template, max_length=config.max_length,
+                                 skip_bad_records=config.skip_bad_records)
+    skipped_in_dataset = dataset.validate()
+    skip_counts = {**skipped.counts}
+    for reason, count in skipped_in_dataset.counts.items():
+        skip_counts[reason] = skip_counts.get(reason, 0) + count
+    if skip_counts:
+        print(f"[cmlora] skipped {sum(skip_counts.values())} bad record(s): {skip_counts}")
+    model = build_adapter_model(model, config, num_tasks=len(dataset.task_names))
+    if _zero_stage(config.deepspeed) == 3:
+        prepare_for_zero3(model)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = InstructionCollator(pad_id, task_ids_key="mixlora_task_ids" if config.adapter == "mixlora" else None)
+    trainer = _trainer_class()(model=model, args=_training_arguments(config, run_dir), train_dataset=dataset,
+                               data_collator=collator, callbacks=callbacks)
+    checkpoints = complete_checkpoints(run_dir / "checkpoints") if resume else []
+    if resume:
+        print(f"[cmlora] resuming from {checkpoints[-1]}" if checkpoints else "[cmlora] no checkpoint to resume")
+    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    if trainer.is_world_process_zero():
+        _save_run(run_dir, trainer, processor, config, dataset.task_names,
+                  metrics={**result.metrics, "skipped_records": skip_counts, **router_statistics(trainer.model)})
+    return run_dir
+
+
+def _save_run(run_dir: Path, trainer: Any, processor: Any, config: TrainConfig, task_names: list[str],
+              metrics: dict[str, Any]) -> None:
+    model = trainer.model
+    if config.adapter == "full":
+        def write_model(path: Path) -> None:
+            model.save_pretrained(path)
+            processor.save_pretrained(path)
+        atomic_write_dir(run_dir / "model", write_model)
+    else:
+        atomic_write_dir(run_dir / "adapter", model.save_pretrained)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    (run_dir / "task_names.json").write_text(json.dumps(task_names, indent=1) + "\n")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    with open(run_dir / "log_history.jsonl", "w") as handle:
+        for entry in trainer.state.log_history:
+            handle.write(json.dumps(entry) + "\n")
+
+
+def load_run(run_dir: str | Path, dtype: torch.dtype | str | None = None) -> tuple[nn.Module, Any]:
+    """The trained model of a run (base + adapter + trained projector), in eval mode, and its processor."""
+    from peft import PeftModel
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").exists():
+        raise FileNotFoundError(f"{run}: not a cmlora run directory (no config.yaml); train one with cmlora train")
+    config = load_config(run / "config.yaml")
+    if config.adapter == "full":
+        model, processor = vlm.load(run / "model", dtype=dtype)
+    else:
+        model, processor = vlm.load(config.model, dtype=dtype)
+        model = PeftModel.from_pretrained(model, run / "adapter")
+    return model.eval(), processor
