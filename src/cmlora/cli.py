@@ -30,8 +30,19 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             index += 2
         else:
             raise SystemExit(f"cmlora: --{key} needs a value")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = _scalar(value)
     return overrides
+
+
+def _scalar(text: str) -> Any:
+    """A YAML value, with numbers such as 4e-5 read as numbers (YAML 1.1 wants 4.0e-5)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

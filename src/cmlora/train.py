@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -236,7 +237,6 @@ def _training_arguments(config: TrainConfig, run_dir: Path) -> Any:
         save_total_limit=config.save_total_limit,
         deepspeed=config.deepspeed,
         report_to=["tensorboard"] if config.tensorboard else [],
-        logging_dir=str(run_dir / "tensorboard") if config.tensorboard else None,
         use_cpu=config.use_cpu,
         dataloader_num_workers=config.dataloader_num_workers,
         remove_unused_columns=False,
@@ -256,6 +256,8 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
 
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if config.tensorboard:  # transformers 5 reads the TensorBoard folder from the environment
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     set_seed(config.seed)
     model, processor = vlm.load(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32)
     records, skipped = load_records(config.data, config.image_folder, skip_bad_records=config.skip_bad_records)

@@ -3,11 +3,13 @@
 `load(name_or_path)` reads any Hugging Face checkpoint folder (or hub id) of a supported family and returns the
 model and its processor. `tiny(out_dir)` writes a real, randomly initialised LLaVA (CLIP-style vision tower,
 Llama language model, a byte-level BPE tokenizer trained locally, a LlavaProcessor) in the same format, so that
-`load(out_dir)` reads it like any checkpoint and nothing is downloaded.
+`load(out_dir)` reads it like any checkpoint and nothing is downloaded. `tiny_qwen2_vl(out_dir)` does the same for
+Qwen2-VL (Qwen2-VL vision tower and patch merger, Qwen2 language model with M-RoPE, a Qwen2VLProcessor).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +31,9 @@ PROJECTOR_MODULES = {
     "idefics3": ["connector"],
 }
 IMAGE_TOKEN = "<image>"
+# Processor classes that require a video processor, which transformers builds only with torchvision installed.
+# Without torchvision `load` gives an image-only variant of these (see `_image_only_processor_class`).
+_PROCESSORS_WITH_VIDEO = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
 # The Vicuna-v1 conversation format of LLaVA-v1, as a chat template for the tiny processor.
 VICUNA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -40,6 +45,24 @@ VICUNA_CHAT_TEMPLATE = (
     "{{ item['text'] }}{% endif %}{% endfor %}</s>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+# Qwen2-VL's special tokens. The processor expands each <|image_pad|> into one token per merged patch; the config's
+# image_token_id, video_token_id, vision_start_token_id and vision_end_token_id must be the tokenizer's ids of these.
+QWEN2_VL_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+}
+# Qwen2-VL's ChatML conversation format (without its default system message), as a chat template for the tiny
+# processor: an image item becomes <|vision_start|><|image_pad|><|vision_end|>.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def model_type(model: nn.Module) -> str:
@@ -50,9 +73,9 @@ def load(name_or_path: str | Path, dtype: torch.dtype | str | None = None, **kwa
     """Model and processor of a VLM checkpoint (a local folder in Hugging Face format, or a hub id).
 
     Supported families: LLaVA (llava-hf checkpoints), LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3. The processor
-    of a LLaVA-style model is set to pad on the left for batched generation; training collators pad themselves.
+    pads as its checkpoint says (LLaVA: right); batched generation should pad prompts on the left.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -60,8 +83,51 @@ def load(name_or_path: str | Path, dtype: torch.dtype | str | None = None, **kwa
             f"{name_or_path}: model type {config.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}."
         )
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype or "auto", **kwargs)
-    processor = AutoProcessor.from_pretrained(name_or_path)
+    processor = _load_processor(name_or_path, config.model_type)
     return model, processor
+
+
+def _load_processor(name_or_path: str | Path, kind: str) -> Any:
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    if kind in _PROCESSORS_WITH_VIDEO and not is_torchvision_available():
+        return _image_only_processor_class(_PROCESSORS_WITH_VIDEO[kind]).from_pretrained(name_or_path)
+    return AutoProcessor.from_pretrained(name_or_path)
+
+
+@functools.cache
+def _image_only_processor_class(name: str) -> type:
+    """`transformers.<name>` (Qwen2VLProcessor, Qwen2_5_VLProcessor) without its video processor.
+
+    transformers builds those processors only with a video processor, and its video processors need torchvision,
+    which cmlora does not require. The subclass drops the `video_processor` argument; images and text work as in
+    the original (its __call__ skips videos when the attribute is absent). It keeps the original's class name, so a
+    processor saved from it declares the original class and reloads with AutoProcessor where torchvision is
+    installed; it also saves a video-processor section derived from the image processor for that case.
+    """
+    import transformers
+
+    base = getattr(transformers, name)
+
+    def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
+                 **kwargs: Any) -> None:
+        # The base passes video_processor=None positionally; ProcessorMixin pairs positional arguments with the
+        # attributes of the class (image_processor, tokenizer here), so it is dropped.
+        base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                      **kwargs)
+
+    def to_dict(self: Any) -> dict[str, Any]:
+        output = base.to_dict(self)
+        image = output.get("image_processor")
+        if isinstance(image, dict) and "video_processor" not in output:
+            video = {k: v for k, v in image.items() if k != "image_processor_type"}
+            video["video_processor_type"] = "Qwen2VLVideoProcessor"  # Qwen2.5-VL's too
+            output["video_processor"] = video
+        return output
+
+    return type(name, (base,), {"__init__": __init__, "to_dict": to_dict, "__module__": __name__,
+                                "__qualname__": name})
 
 
 def mixlora_targets(model: nn.Module) -> dict[str, Any]:
@@ -74,7 +140,12 @@ def mixlora_targets(model: nn.Module) -> dict[str, Any]:
 
 @dataclass
 class TinySpec:
-    """Sizes of a tiny LLaVA. The defaults build a ~0.2M-parameter model that trains at dozens of steps/s on CPU."""
+    """Sizes of a tiny VLM. The defaults build a ~0.2M-parameter model that trains at dozens of steps/s on CPU.
+
+    `patch_size` is the side in pixels of the image area one image token stands for: LLaVA's CLIP patch; for
+    Qwen2-VL, which merges 2x2 vision patches into one token, twice its vision patch. Either way an image of
+    `image_size` gives (image_size / patch_size)**2 image tokens (4 with the defaults).
+    """
 
     image_size: int = 32
     patch_size: int = 16
@@ -101,20 +172,36 @@ _TOKENIZER_CORPUS = (
 )
 
 
-def tiny_tokenizer(vocab_size: int = 512) -> Any:
-    """A byte-level BPE tokenizer trained here on a small built-in corpus: any text encodes, nothing downloads."""
+def _byte_level_bpe(vocab_size: int, specials: list[str], **special_tokens: Any) -> Any:
+    """A byte-level BPE tokenizer trained here on a small built-in corpus: any text encodes, nothing downloads.
+
+    `specials` get the first ids, in order; `special_tokens` are PreTrainedTokenizerFast's keyword arguments
+    (unk_token, bos_token, ..., extra_special_tokens).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_tokens)
+
+
+def tiny_tokenizer(vocab_size: int = 512) -> Any:
+    """LLaVA's tiny tokenizer: a locally trained byte-level BPE with <s>, </s>, <pad> and <image>."""
+    return _byte_level_bpe(vocab_size, ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN], unk_token="<unk>",
+                           bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                           extra_special_tokens={"image_token": IMAGE_TOKEN})
+
+
+def tiny_qwen2_vl_tokenizer(vocab_size: int = 512) -> Any:
+    """Qwen2-VL's tiny tokenizer: the same BPE with ChatML and vision tokens; eos <|im_end|>, pad <|endoftext|>."""
+    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", *QWEN2_VL_TOKENS.values()]
+    return _byte_level_bpe(vocab_size, specials, unk_token="<unk>", eos_token="<|im_end|>",
+                           pad_token="<|endoftext|>", extra_special_tokens=dict(QWEN2_VL_TOKENS))
 
 
 def tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
@@ -155,6 +242,75 @@ def tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return out
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """M-RoPE's split of the rotary frequencies over (time, height, width); Qwen2-VL's [16, 24, 24] at head_dim 128."""
+    half = head_dim // 2
+    time = max(1, half // 4)
+    height = (half - time) // 2
+    return [time, height, half - time - height]
+
+
+def tiny_qwen2_vl(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
+    """Write a tiny, randomly initialised Qwen2-VL (model + processor) to `out_dir`, loadable with `load(out_dir)`.
+
+    The vision patch is spec.patch_size // 2 (2x2 patches merge into one image token), and the image processor's
+    min and max pixels are both image_size**2, so an image_size x image_size image gives (image_size /
+    patch_size)**2 image tokens. The processor saved is a standard Qwen2VLProcessor, with a video-processor section
+    for environments that have torchvision. Model inputs need the processor's `mm_token_type_ids` (M-RoPE positions)
+    next to `pixel_values` and `image_grid_thw`: Qwen2-VL's forward raises without it.
+    """
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLTextConfig,
+        Qwen2VLVisionConfig,
+    )
+
+    spec = spec or TinySpec()
+    merge = 2
+    if spec.patch_size % merge or spec.image_size % spec.patch_size:
+        raise ValueError(
+            f"tiny_qwen2_vl needs an even patch_size that divides image_size; got patch_size={spec.patch_size}, "
+            f"image_size={spec.image_size}"
+        )
+    vision_patch = spec.patch_size // merge
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_qwen2_vl_tokenizer(spec.vocab_size)
+    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in QWEN2_VL_TOKENS.items()}
+    # The same files with or without torchvision: the PIL image processor saves as "Qwen2VLImageProcessor", and the
+    # image-only processor saves as "Qwen2VLProcessor" with a video-processor section derived from the image one.
+    pixels = spec.image_size**2
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=vision_patch,
+                                               merge_size=merge, temporal_patch_size=2)
+    processor = _image_only_processor_class("Qwen2VLProcessor")(image_processor=image_processor, tokenizer=tokenizer,
+                                                                 chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    vision = Qwen2VLVisionConfig(depth=spec.vision_layers, embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden,
+                                 mlp_ratio=2, num_heads=spec.vision_heads, patch_size=vision_patch,
+                                 spatial_merge_size=merge, temporal_patch_size=2)
+    text = Qwen2VLTextConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
+                             intermediate_size=spec.intermediate, num_hidden_layers=spec.text_layers,
+                             num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
+                             max_position_embeddings=1024,
+                             rope_parameters={"rope_type": "default",
+                                              "mrope_section": _mrope_section(spec.text_hidden // spec.text_heads)},
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                             eos_token_id=tokenizer.eos_token_id)
+    config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image_token"],
+                           video_token_id=ids["video_token"], vision_start_token_id=ids["vision_start_token"],
+                           vision_end_token_id=ids["vision_end_token"])
+    torch.manual_seed(spec.seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = None
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
