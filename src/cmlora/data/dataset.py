@@ -1,0 +1,186 @@
+"""The training dataset: checked records -> input_ids, labels (answers only), pixel_values and a task id.
+
+Labels are exact by construction: the processor tokenizes the whole rendered conversation in one call (the same
+call that expands `<image>` into the model's image tokens and preprocesses the image), with offset mapping; a
+token is labelled with its own id when its character span overlaps an assistant answer span, else -100. The answer
+spans from the template are shifted by the image-token expansion, and the shift is verified against the text.
+
+Images are decoded lazily in `__getitem__`. A Dataset cannot drop items there, so training code calls
+`validate()` once before training: it encodes every record, raises on the first bad one, or with
+skip_bad_records removes bad records and returns a SkipReport of what it removed and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .images import load_image
+from .records import DataError, Record, SkipReport, record_error
+from .templates import TEMPLATES, RenderedConversation
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+UNKNOWN_TASK = "unknown"  # the task name of records without one
+
+
+class InstructionDataset(Dataset):
+    """Records encoded for causal-LM training with the loss on assistant answers only.
+
+    Item: {"input_ids": LongTensor[T], "labels": LongTensor[T], "pixel_values": FloatTensor[3, H, W] or None,
+    "task_id": int, "id": str}. `task_names` fixes the task vocabulary (default: sorted task names of `records`,
+    "unknown" for records without one); pass the training vocabulary when encoding evaluation data.
+    """
+
+    def __init__(self, records: Sequence[Record], processor: Any, *, template: str = "vicuna_v1",
+                 max_length: int = 2048, task_names: list[str] | None = None,
+                 skip_bad_records: bool = False) -> None:
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.records = list(records)
+        self.processor = processor
+        self.template = template
+        self.max_length = max_length
+        self.skip_bad_records = skip_bad_records
+        self.task_names = list(task_names) if task_names is not None else sorted({_task(r) for r in self.records})
+        self._task_index = {name: index for index, name in enumerate(self.task_names)}
+        for record in self.records:
+            if _task(record) not in self._task_index:
+                raise record_error(record.source, record.id, "task_name", f"{_task(record)!r} is not in the task "
+                                   f"vocabulary {self.task_names}", "unknown task")
+        self.image_token = getattr(processor, "image_token", None)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token) if self.image_token else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def task_id(self, name: str | None) -> int:
+        """Index of task `name` in `task_names` (None means "unknown")."""
+        name = name if name is not None else UNKNOWN_TASK
+        if name not in self._task_index:
+            raise KeyError(f"task {name!r} is not in the task vocabulary {self.task_names}")
+        return self._task_index[name]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.encode(self.records[index])
+
+    def encode(self, record: Record) -> dict[str, Any]:
+        """One record as a training item; DataError naming the record if its image or length makes it unusable."""
+        image = self._load_image(record) if record.image is not None else None
+        rendered = TEMPLATES[self.template](record.conversations, self.processor)
+        inputs: dict[str, Any] = {"text": rendered.text, "return_offsets_mapping": True, "return_tensors": "pt"}
+        if image is not None:
+            if self.image_token is None:
+                raise record_error(record.source, record.id, "image", "the record has an image but the processor "
+                                   "has no image token (is it a text-only tokenizer?)", "image unsupported")
+            inputs["images"] = [image]
+        try:
+            encoded = self.processor(**inputs)
+        except NotImplementedError as error:  # slow tokenizers have no offset mapping
+            raise TypeError("InstructionDataset needs a fast tokenizer (return_offsets_mapping).") from error
+        input_ids = encoded["input_ids"][0]
+        spans = self._expanded_answer_spans(rendered, input_ids)
+        labels = answer_labels(input_ids, encoded["offset_mapping"][0], spans)
+        input_ids, labels = self._truncate(record, input_ids, labels)
+        pixel_values = encoded["pixel_values"][0] if image is not None else None
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values,
+                "task_id": self.task_id(record.task_name), "id": record.id}
+
+    def validate(self) -> SkipReport:
+        """Encode every record once (images included). Raises on the first bad record; with skip_bad_records,
+        removes the bad records from the dataset and returns what was removed, by reason. Call before training."""
+        report = SkipReport()
+        kept = []
+        for record in tqdm(self.records, desc="checking records", unit="record", disable=None):
+            try:
+                self.encode(record)
+            except DataError as error:
+                if not self.skip_bad_records:
+                    raise
+                report.add(error)
+                continue
+            kept.append(record)
+        if not kept:
+            raise DataError(f"no usable records left after validation.\n{report.summary()}", "no records")
+        self.records = kept
+        if report:
+            logger.warning("%s", report.summary())
+        return report
+
+    def _load_image(self, record: Record) -> Any:
+        try:
+            return load_image(record.image)
+        except DataError as error:
+            raise record_error(record.source, record.id, "image", str(error), error.reason) from error
+
+    def _expanded_answer_spans(self, rendered: RenderedConversation,
+                               input_ids: torch.Tensor) -> list[tuple[int, int]]:
+        """Answer spans moved to the processor's text, where each image token string is repeated per image token.
+
+        Offsets from the processor refer to that expanded text; the shift is checked by comparing the text the
+        spans cover before and after, so a processor that expands differently fails loudly instead of mislabelling.
+        """
+        marker = self.image_token
+        starts = [m.start() for m in re.finditer(re.escape(marker), rendered.text)] if marker else []
+        if not starts:
+            return rendered.answer_spans
+        image_tokens = int((input_ids == self.image_token_id).sum())
+        per_marker = image_tokens // len(starts)
+        if per_marker * len(starts) != image_tokens:
+            raise RuntimeError(f"{image_tokens} image tokens for {len(starts)} {marker} markers: cannot map answers")
+        expanded_text = rendered.text.replace(marker, marker * per_marker)
+        extra = (per_marker - 1) * len(marker)
+
+        def shift(position: int) -> int:
+            return position + extra * sum(start < position for start in starts)
+
+        spans = [(shift(start), shift(end)) for start, end in rendered.answer_spans]
+        for (start, end), (new_start, new_end) in zip(rendered.answer_spans, spans, strict=True):
+            if expanded_text[new_start:new_end] != rendered.text[start:end]:
+                raise RuntimeError("the processor expands image markers in a way InstructionDataset cannot map")
+        return spans
+
+    def _truncate(self, record: Record, input_ids: torch.Tensor,
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the first max_length tokens; an error if that leaves no answer token or cuts into the image."""
+        if len(input_ids) <= self.max_length:
+            return input_ids, labels
+        answer_positions = (labels != IGNORE_INDEX).nonzero()
+        prompt_length = int(answer_positions[0]) if len(answer_positions) else len(labels)
+        if not (labels[: self.max_length] != IGNORE_INDEX).any():
+            raise record_error(record.source, record.id, "conversations", f"answer truncated away entirely "
+                               f"(prompt is {prompt_length} tokens, max_length {self.max_length}); raise "
+                               "max_length or shorten the prompt", "answer truncated away")
+        if self.image_token_id is not None:
+            is_image = input_ids == self.image_token_id
+            if int(is_image[: self.max_length].sum()) != int(is_image.sum()):
+                raise record_error(record.source, record.id, "conversations", f"max_length {self.max_length} "
+                                   "cuts into (or off) the image tokens; raise max_length", "image truncated")
+        return input_ids[: self.max_length], labels[: self.max_length]
+
+
+def answer_labels(input_ids: torch.Tensor, offsets: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """input_ids where a token's [start, end) overlaps an answer span, IGNORE_INDEX elsewhere.
+
+    Overlap (not containment) keeps a token like " red" whose leading space belongs to the separator before the
+    answer; tokens without characters (an added BOS, offsets (0, 0)) never overlap and stay unlabelled.
+    """
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    in_answer = torch.zeros(len(input_ids), dtype=torch.bool)
+    for span_start, span_end in spans:
+        in_answer |= (starts < span_end) & (ends > span_start)
+    return torch.where(in_answer, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+
+def _task(record: Record) -> str:
+    return record.task_name if record.task_name is not None else UNKNOWN_TASK

@@ -1,0 +1,100 @@
+"""Conversation templates: turns -> one prompt string plus the character spans of the assistant answers.
+
+A template returns text and answer spans rather than tokens. The dataset tokenizes the whole text in one call
+(exactly as the processor will tokenize a prompt at inference, image-token expansion included) and labels the
+tokens whose character offsets overlap an answer span; everything else gets -100. Tokenizing the full text once,
+instead of segment by segment, avoids the boundary mismatches of BPE/SentencePiece on separately encoded pieces.
+
+Each answer span covers the answer and its end-of-turn string ("</s>" in Vicuna v1), so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .records import IMAGE_MARKER, Turn
+
+
+@dataclass
+class RenderedConversation:
+    text: str
+    answer_spans: list[tuple[int, int]]  # [start, end) character offsets of each answer (with its end string)
+
+
+Template = Callable[[list[Turn], Any], RenderedConversation]
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+VICUNA_V1_SEP = " "  # after the system prompt and after each user turn
+VICUNA_V1_SEP2 = "</s>"  # after each assistant answer; Llama tokenizers read it as the eos token
+
+
+def vicuna_v1(turns: list[Turn], processor: Any = None) -> RenderedConversation:
+    """LLaVA-v1's conv_vicuna_v1: "{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>".
+
+    The data's `<image>` marker is replaced by the processor's image token when that is spelled differently.
+    """
+    image_token = getattr(processor, "image_token", None) or IMAGE_MARKER
+    text = VICUNA_V1_SYSTEM + VICUNA_V1_SEP
+    spans = []
+    for turn in turns:
+        if turn.role == "user":
+            text += "USER: " + turn.text.replace(IMAGE_MARKER, image_token) + VICUNA_V1_SEP
+        else:
+            text += "ASSISTANT: "
+            start = len(text)
+            text += turn.text + VICUNA_V1_SEP2
+            spans.append((start, len(text)))
+    return RenderedConversation(text=text, answer_spans=spans)
+
+
+def chat(turns: list[Turn], processor: Any) -> RenderedConversation:
+    """The processor's own chat template (`apply_chat_template`), for models not trained on Vicuna v1.
+
+    Answer spans come from rendering prefixes: the answer of turn k is what rendering turns[:k+1] adds to
+    rendering turns[:k] with the generation prompt. That needs a prefix-stable template (true of common ones);
+    a template that rewrites earlier turns raises, since its answer spans cannot be located.
+    """
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError("template='chat' needs a processor with a chat_template; this one has none. "
+                         "Use template='vicuna_v1' or set processor.chat_template.")
+    messages = [_chat_message(turn) for turn in turns]
+
+    def render(count: int, generation_prompt: bool) -> str:
+        return processor.apply_chat_template(messages[:count], tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    text = render(len(messages), False)
+    spans = []
+    for index, turn in enumerate(turns):
+        if turn.role != "assistant":
+            continue
+        before, after = render(index, True), render(index + 1, False)
+        if not (after.startswith(before) and text.startswith(after)):
+            raise ValueError("template='chat': the processor's chat template is not prefix-stable (rendering more "
+                             "turns changes earlier text), so answer spans cannot be located; use 'vicuna_v1'.")
+        spans.append((len(before), len(after)))
+    return RenderedConversation(text=text, answer_spans=spans)
+
+
+def _chat_message(turn: Turn) -> dict[str, Any]:
+    """A chat message whose content lists text items and an {"type": "image"} item where `<image>` stood.
+
+    The newline LLaVA data puts after the marker is dropped: chat templates place their own separator after an
+    image item.
+    """
+    content: list[dict[str, str]] = []
+    for index, piece in enumerate(turn.text.split(IMAGE_MARKER)):
+        if index > 0:
+            content.append({"type": "image"})
+            piece = piece.removeprefix("\n")
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return {"role": turn.role, "content": content}
+
+
+TEMPLATES: dict[str, Template] = {"vicuna_v1": vicuna_v1, "chat": chat}

@@ -1,0 +1,41 @@
+"""Writing small Vision-Flan-style data files and images for the data tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+
+def vf_record(record_id: Any, image: str | None = None, task: str | None = "color",
+              turns: tuple[str, ...] = ("<image>\nWhat colour is it?", "red")) -> dict[str, Any]:
+    """A Vision-Flan record; turns alternate human, gpt."""
+    record: dict[str, Any] = {"id": record_id, "task_name": task, "conversations": [
+        {"from": "human" if index % 2 == 0 else "gpt", "value": text} for index, text in enumerate(turns)]}
+    if image is not None:
+        record["image"] = image
+    return record
+
+
+def text_record(record_id: Any, task: str | None = "chat", question: str = "Say yes.",
+                answer: str = "yes") -> dict[str, Any]:
+    return vf_record(record_id, None, task, (question, answer))
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    """One row per line; a str row is written verbatim (to plant invalid JSON)."""
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def write_json(path: Path, rows: list[Any]) -> Path:
+    path.write_text(json.dumps(rows, indent=2))
+    return path
+
+
+def save_image(path: Path, colour: tuple[int, int, int] = (255, 0, 0), size: tuple[int, int] = (40, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path

@@ -1,0 +1,139 @@
+"""The training recipe on a tiny LLaVA: artifacts, load_run, resume after SIGKILL (issue #3)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cmlora
+from cmlora import vlm
+from cmlora.cli import parse_overrides
+from cmlora.train import TrainConfig, load_config, load_run, train
+
+from .synthetic_data import write_records
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model_dir = vlm.tiny(root / "tiny-llava")
+    data = write_records(root / "data", count=16)
+    return root, model_dir, data
+
+
+def tiny_config(workspace, name, **overrides):
+    root, model_dir, data = workspace
+    values = dict(model=str(model_dir), data=str(data), image_folder=str(data.parent / "images"),
+                  output_dir=str(root / name), max_length=128, num_factors=8, r=2, lora_dropout=0.05,
+                  learning_rate=1e-3, batch_size=4, max_steps=6, logging_steps=2, save_steps=2, use_cpu=True,
+                  seed=3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_mixlora_run_writes_a_loadable_run(workspace):
+    run = train(tiny_config(workspace, "mixlora"))
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert any("mixlora_factors_b" in k for k in weights)
+    assert any("multi_modal_projector" in k for k in weights)  # the projector is trained and saved
+    saved = load_config(run / "config.yaml")
+    assert saved.adapter == "mixlora" and saved.max_steps == 6
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 < metrics["router_usage_entropy"] <= 1 and metrics["train_loss"] > 0
+    history = [json.loads(line) for line in (run / "log_history.jsonl").read_text().splitlines()]
+    assert any("loss" in h and "router_usage_entropy" in h for h in history)
+    model, processor = load_run(run)
+    assert isinstance(model.base_model, cmlora.MixLoraModel)
+    factor = model.base_model.model.model.language_model.layers[0].self_attn.q_proj.mixlora_factors_b["default"]
+    assert factor.abs().sum() > 0
+    prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What colour is the image?"}]}], add_generation_prompt=True)
+    from PIL import Image
+    inputs = processor(images=[Image.new("RGB", (32, 32), "red")], text=[prompt], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_lora_and_full_runs(workspace, adapter):
+    run = train(tiny_config(workspace, adapter, adapter=adapter, max_steps=2, save_steps=100))
+    model, _ = load_run(run)
+    if adapter == "lora":
+        assert (run / "adapter" / "adapter_config.json").exists()
+        assert "LORA" in (run / "adapter" / "adapter_config.json").read_text()
+    else:
+        assert (run / "model" / "config.json").exists()
+        base, _ = vlm.load(workspace[1])
+        name = "model.language_model.layers.0.mlp.down_proj.weight"
+        assert not torch.equal(dict(model.named_parameters())[name], dict(base.named_parameters())[name])
+        name = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"  # frozen in full fine-tuning
+        assert torch.equal(dict(model.named_parameters())[name], dict(base.named_parameters())[name])
+
+
+def test_config_errors_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: x\nnum_factor: 3\n")
+    with pytest.raises(ValueError, match=r"c.yaml: unknown config key\(s\) \['num_factor'\]"):
+        load_config(path)
+    assert parse_overrides(["--r", "8", "--learning-rate", "4e-5", "--target_modules", "[q_proj, v_proj]"]) == {
+        "r": 8, "learning_rate": 4e-5, "target_modules": ["q_proj", "v_proj"]}
+    with pytest.raises(ValueError, match="adapter must be one of"):
+        TrainConfig(adapter="qlora")
+
+
+KILLER = """
+import os, signal, sys
+from transformers import TrainerCallback
+from cmlora.train import load_config, train
+
+class KillAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+config = load_config({config!r})
+train(config, resume={resume}, callbacks=[KillAt()] if {kill_at} else None)
+"""
+
+
+def run_script(config_path, kill_at=0, resume=False):
+    code = textwrap.dedent(KILLER).format(config=str(config_path), kill_at=kill_at, resume=resume)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(workspace, tmp_path):
+    from dataclasses import asdict
+
+    import yaml
+
+    configs = {}
+    for name in ("straight", "killed"):
+        config = tiny_config(workspace, f"resume-{name}", max_steps=8, save_steps=2, routing="ifs+cfs",
+                             router_grad="scores", router_noise=0.5)
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(asdict(config)))
+    straight = run_script(configs["straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = run_script(configs["killed"], kill_at=5)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run = Path(load_config(configs["killed"]).output_dir)
+    assert not (run / "adapter").exists()
+    # a checkpoint cut short by the kill (no trainer_state.json) must be ignored on resume
+    (run / "checkpoints" / "checkpoint-6").mkdir()
+    resumed = run_script(configs["killed"], resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "checkpoint-4" in resumed.stdout
+    a = load_file(Path(load_config(configs["straight"]).output_dir) / "adapter" / "adapter_model.safetensors")
+    b = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed adapter differs from the uninterrupted run"
