@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint bench clean
+.PHONY: venv test test-deepspeed lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,15 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests tests_deepspeed benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# DeepSpeed ZeRO-2/ZeRO-3 on 2 CPU processes (installs deepspeed into .venv; ops compile on first use).
+test-deepspeed: $(STAMP)
+	$(BIN)/python -m pip install --quiet "deepspeed>=0.15" "$(TORCH_SPEC)"
+	$(BIN)/python -m pytest -q tests_deepspeed
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/layer.py

@@ -78,7 +78,7 @@ def test_image_marker_expands_to_the_models_image_tokens(tiny, records):
     assert int((item["input_ids"] == image_id).sum()) == model.config.image_seq_length
     assert int((text_item["input_ids"] == image_id).sum()) == 0 and text_item["pixel_values"] is None
     crop = processor.image_processor.crop_size
-    assert item["pixel_values"].shape == (3, crop["height"], crop["width"])
+    assert item["pixel_values"].shape == (1, 3, crop["height"], crop["width"])  # one image, as the processor gives it
     assert item["pixel_values"].dtype == torch.float32
     assert dataset[2]["pixel_values"].shape == item["pixel_values"].shape  # any input size is resized
 
@@ -161,7 +161,7 @@ def test_collator_pads_right_and_keeps_only_model_inputs(tiny, records):
         assert torch.equal(batch["labels"][row, :length], item["labels"])
         assert (batch["input_ids"][row, length:] == pad).all() and (batch["labels"][row, length:] == -100).all()
         assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (width - length)
-    assert batch["pixel_values"].shape == (1, *dataset[0]["pixel_values"].shape)
+    assert batch["pixel_values"].shape == dataset[0]["pixel_values"].shape  # one image: [1, 3, H, W]
     assert batch["mixlora_task_ids"].tolist() == [2, 0] and batch["mixlora_task_ids"].dtype == torch.long
     text_only = InstructionCollator(pad, task_ids_key=None)([dataset[1], dataset[1]])
     assert set(text_only) == {"input_ids", "attention_mask", "labels"}

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
         config = load_config(args.config, parse_overrides(rest))
         run_dir = train(config, resume=args.resume)
-        print(f"[cmlora] run saved to {run_dir}")
+        if os.environ.get("RANK", "0") == "0":  # one line per run, not per torchrun process
+            print(f"[cmlora] run saved to {run_dir}")
     return 0
 
 

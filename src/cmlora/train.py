@@ -45,7 +45,8 @@ class TrainConfig:
     image_folder: str | None = field(default=None, metadata={"help": "Folder the records' image paths are in."})
     output_dir: str = field(default="runs/run", metadata={"help": "The run directory."})
     adapter: str = field(default="mixlora", metadata={"help": "mixlora, lora (PEFT LoRA) or full."})
-    template: str = field(default="vicuna_v1", metadata={"help": "Conversation template: vicuna_v1 or chat."})
+    template: str = field(default="auto", metadata={
+        "help": "Conversation template: vicuna_v1, chat, or auto (vicuna_v1 for LLaVA, else chat)."})
     max_length: int = field(default=1792, metadata={"help": "Truncate examples to this many tokens."})
     skip_bad_records: bool = field(default=False, metadata={"help": "Skip and count bad records, not fail."})
     # adapter
@@ -106,6 +107,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return TrainConfig(**values)
 
 
+def resolve_template(name: str, model: nn.Module, processor: Any) -> str:
+    """The conversation template `name` stands for: "auto" is the paper's vicuna_v1 for LLaVA (LLaVA-1.5 was tuned
+    on Vicuna v1) and the checkpoint's own chat template for the other families (Qwen2-VL: ChatML), which is also
+    how they are prompted after training; vicuna_v1 where a processor has no chat template."""
+    if name != "auto":
+        return name
+    if vlm.model_type(model) == "llava" or getattr(processor, "chat_template", None) is None:
+        return "vicuna_v1"
+    return "chat"
+
+
 def build_adapter_model(model: nn.Module, config: TrainConfig, num_tasks: int | None = None) -> nn.Module:
     """Wrap `model` with the configured adapter; the vision tower stays frozen, the projector trains.
 
@@ -163,11 +175,8 @@ def router_statistics(model: nn.Module) -> dict[str, float]:
     return stats
 
 
-def atomic_write_dir(final: Path, write: Any) -> None:
-    """Write a directory through a temporary sibling and rename it, so a killed run never leaves half of one."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Replace `final` by the fully written `tmp` with one rename, so a killed run never leaves half of one."""
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
 
@@ -179,11 +188,13 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
 
 
 def prepare_for_zero3(model: nn.Module) -> None:
-    """Under DeepSpeed ZeRO-3, gather a MixLoRA layer's factor pools and routers whenever the layer runs.
+    """Under DeepSpeed ZeRO-3, fetch each MixLoRA layer's parameters as one unit when the layer runs.
 
-    ZeRO-3 gathers the parameters of a module when that module is called; the factor pools live in ParameterDicts
-    that are indexed, never called. Marking the adapted Linear as a ZeRO-3 leaf module makes DeepSpeed fetch all
-    of its parameters (base weight, factors, routers) at the layer's forward, as it does for MoE blocks.
+    A layer indexes its factor pools (ParameterDicts that are never called) with instance-dependent indices,
+    the access pattern of MoE blocks, for which DeepSpeed recommends marking the block as a ZeRO-3 leaf: its
+    parameters (base weight, factors, routers) are then gathered together at the layer's forward, and prefetching
+    never depends on which factors were selected. DeepSpeed 0.19.8 also gathered the pools without the marking in
+    our CPU runs (tests_deepspeed/); the marking keeps that from resting on an implementation detail.
     """
     from deepspeed.utils import set_z3_leaf_modules
 
@@ -261,7 +272,9 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
     set_seed(config.seed)
     model, processor = vlm.load(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32)
     records, skipped = load_records(config.data, config.image_folder, skip_bad_records=config.skip_bad_records)
-    dataset = InstructionDataset(records, processor, template=config.template, max_length=config.max_length,
+    template = resolve_template(config.template, model, processor)
+    print(f"[cmlora] conversation template: {template}")
+    dataset = InstructionDataset(records, processor, template=template, max_length=config.max_length,
                                  skip_bad_records=config.skip_bad_records)
     skipped_in_dataset = dataset.validate()
     skip_counts = {**skipped.counts}
@@ -276,27 +289,26 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = InstructionCollator(pad_id, task_ids_key="mixlora_task_ids" if config.adapter == "mixlora" else None)
     trainer = _trainer_class()(model=model, args=_training_arguments(config, run_dir), train_dataset=dataset,
-                               data_collator=collator, callbacks=callbacks)
+                               data_collator=collator, callbacks=callbacks, processing_class=processor)
     checkpoints = complete_checkpoints(run_dir / "checkpoints") if resume else []
     if resume:
         print(f"[cmlora] resuming from {checkpoints[-1]}" if checkpoints else "[cmlora] no checkpoint to resume")
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    # Every process takes part in saving: under ZeRO-3 the weights are gathered from all ranks first.
+    final = run_dir / ("model" if config.adapter == "full" else "adapter")
+    staging = final.with_name(f".{final.name}.tmp")
     if trainer.is_world_process_zero():
-        _save_run(run_dir, trainer, processor, config, dataset.task_names,
-                  metrics={**result.metrics, "skipped_records": skip_counts, **router_statistics(trainer.model)})
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        publish_dir(staging, final)
+        _write_run_metadata(run_dir, trainer, config, dataset.task_names,
+                            {**result.metrics, "skipped_records": skip_counts, **router_statistics(trainer.model)})
     return run_dir
 
 
-def _save_run(run_dir: Path, trainer: Any, processor: Any, config: TrainConfig, task_names: list[str],
-              metrics: dict[str, Any]) -> None:
-    model = trainer.model
-    if config.adapter == "full":
-        def write_model(path: Path) -> None:
-            model.save_pretrained(path)
-            processor.save_pretrained(path)
-        atomic_write_dir(run_dir / "model", write_model)
-    else:
-        atomic_write_dir(run_dir / "adapter", model.save_pretrained)
+def _write_run_metadata(run_dir: Path, trainer: Any, config: TrainConfig, task_names: list[str],
+                        metrics: dict[str, Any]) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     (run_dir / "task_names.json").write_text(json.dumps(task_names, indent=1) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")

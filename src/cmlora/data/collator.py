@@ -1,9 +1,8 @@
-"""Batching dataset items for `model(**batch)`: right padding, attention mask, stacked images, task ids.
+"""Batching dataset items for `model(**batch)`: right padding, attention mask, the processor's extra inputs, task ids.
 
 The batch holds only what the model's forward accepts (plus the MixLoRA task-id key, which the MixLoRA model
 reads for task-conditioned routing and analysis): HF Trainer passes the whole dict to `model(**batch)`, so record
-ids and task names stay out. Images of a mixed batch are stacked in batch order, which is the order in which a
-LLaVA-style model fills the image tokens of the rows.
+ids and task names stay out.
 """
 
 from __future__ import annotations
@@ -15,9 +14,29 @@ import torch
 
 from .dataset import IGNORE_INDEX
 
+# Item keys the collator builds itself or keeps out of the batch.
+_OWN_KEYS = ("input_ids", "labels", "attention_mask", "task_id", "id")
+
 
 class InstructionCollator:
-    """Collate InstructionDataset items into input_ids/attention_mask/labels [B, T] (+ pixel_values, task ids)."""
+    """Collate InstructionDataset items into input_ids/attention_mask/labels [B, T], the processor's extra model
+    inputs, and the task ids.
+
+    Every other tensor of an item is a model input the processor returned (see InstructionDataset), batched by
+    one of two rules:
+
+    - per-token (a 1-D tensor as long as the item's input_ids, e.g. Qwen2-VL's mm_token_type_ids): right-padded
+      to the batch width with 0, like attention_mask; an item without the key gets zeros (text tokens).
+    - per-image (any other tensor: pixel_values, image_grid_thw, image_sizes, ...): concatenated along dim 0 in
+      batch order, as the processor itself concatenates the images of one call. LLaVA: [1, 3, H, W] per image ->
+      [n, 3, H, W]; Qwen2-VL: [patches, dim] -> [sum of patches, dim] and [1, 3] -> [n, 3]; LLaVA-NeXT: [1, 2]
+      image_sizes -> [n, 2], and pixel_values [1, patches, 3, H, W] whose patch counts differ are zero-padded to
+      the largest, as its processor pads them (the model drops the padding using image_sizes).
+
+    Items without an image contribute nothing to the per-image tensors, so image i of the batch belongs to the i-th
+    row that has image tokens: the order in which LLaVA and Qwen2-VL fill image tokens (and Qwen2-VL walks
+    image_grid_thw for M-RoPE positions). A batch without images has no per-image keys.
+    """
 
     def __init__(self, pad_token_id: int, *, task_ids_key: str | None = "mixlora_task_ids",
                  pad_to_multiple_of: int | None = None) -> None:
@@ -46,9 +65,61 @@ class InstructionCollator:
             labels[row, :length] = torch.as_tensor(item["labels"])
             attention_mask[row, :length] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        images = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
-        if images:
-            batch["pixel_values"] = torch.stack(images)
+        token_keys, image_keys = _extra_keys(items)
+        for key in token_keys:
+            batch[key] = _pad_per_token(items, key, width)
+        for key in image_keys:
+            batch[key] = _concatenate_per_image(items, key)
         if self.task_ids_key is not None:
             batch[self.task_ids_key] = torch.tensor([int(item["task_id"]) for item in items], dtype=torch.long)
         return batch
+
+
+def _is_per_token(item: dict[str, Any], value: torch.Tensor) -> bool:
+    return value.dim() == 1 and len(value) == len(item["input_ids"])
+
+
+def _extra_keys(items: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The per-token and the per-image keys of the batch, in first-seen order; an error if a key is both."""
+    kinds: dict[str, str] = {}
+    for item in items:
+        for key, value in item.items():
+            if key in _OWN_KEYS or not isinstance(value, torch.Tensor):
+                continue
+            kind = "token" if _is_per_token(item, value) else "image"
+            if kinds.setdefault(key, kind) != kind:
+                raise ValueError(f"item {item.get('id', '?')!r}: {key!r} is per-token in some items and per-image "
+                                 "in others (a per-token input is a 1-D tensor as long as input_ids)")
+    image_keys = [key for key, kind in kinds.items() if kind == "image"]
+    for item in items:  # an item with an image has every per-image input, or images and rows would misalign
+        if item.get("pixel_values") is not None:
+            missing = [key for key in image_keys if item.get(key) is None]
+            if missing:
+                raise ValueError(f"item {item.get('id', '?')!r} has an image but lacks {missing}, which other "
+                                 "items of the batch have")
+    return [key for key, kind in kinds.items() if kind == "token"], image_keys
+
+
+def _pad_per_token(items: Sequence[dict[str, Any]], key: str, width: int) -> torch.Tensor:
+    dtype = next(item[key].dtype for item in items if isinstance(item.get(key), torch.Tensor))
+    padded = torch.zeros((len(items), width), dtype=dtype)
+    for row, item in enumerate(items):
+        if isinstance(item.get(key), torch.Tensor):
+            padded[row, : len(item[key])] = item[key]
+    return padded
+
+
+def _concatenate_per_image(items: Sequence[dict[str, Any]], key: str) -> torch.Tensor:
+    parts = [item[key] for item in items if isinstance(item.get(key), torch.Tensor)]
+    if any(part.dim() != parts[0].dim() for part in parts):
+        raise ValueError(f"{key!r}: items have different numbers of dimensions {[p.dim() for p in parts]}")
+    if all(part.shape[1:] == parts[0].shape[1:] for part in parts):
+        return torch.cat(parts)
+    # Only LLaVA-NeXT-style inputs vary beyond dim 0 (patches per image): zero-pad to the largest.
+    shape = [max(part.shape[dim] for part in parts) for dim in range(1, parts[0].dim())]
+    out = parts[0].new_zeros((sum(len(part) for part in parts), *shape))
+    start = 0
+    for part in parts:
+        out[(slice(start, start + len(part)), *(slice(0, size) for size in part.shape[1:]))] = part
+        start += len(part)
+    return out

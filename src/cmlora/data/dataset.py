@@ -1,4 +1,4 @@
-"""The training dataset: checked records -> input_ids, labels (answers only), pixel_values and a task id.
+"""The training dataset: checked records -> input_ids, labels (answers only), the image inputs and a task id.
 
 Labels are exact by construction: the processor tokenizes the whole rendered conversation in one call (the same
 call that expands `<image>` into the model's image tokens and preprocesses the image), with offset mapping; a
@@ -28,15 +28,28 @@ from .templates import TEMPLATES, RenderedConversation
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# Processor outputs that are not per-example model inputs of the item: input_ids is the item's own; the collator
+# rebuilds attention_mask from the lengths; offset_mapping only serves labelling.
+NOT_MODEL_INPUTS = ("input_ids", "attention_mask", "offset_mapping")
 UNKNOWN_TASK = "unknown"  # the task name of records without one
 
 
 class InstructionDataset(Dataset):
     """Records encoded for causal-LM training with the loss on assistant answers only.
 
-    Item: {"input_ids": LongTensor[T], "labels": LongTensor[T], "pixel_values": FloatTensor[3, H, W] or None,
-    "task_id": int, "id": str}. `task_names` fixes the task vocabulary (default: sorted task names of `records`,
-    "unknown" for records without one); pass the training vocabulary when encoding evaluation data.
+    Item: {"input_ids": LongTensor[T], "labels": LongTensor[T], "pixel_values": Tensor or None, "task_id": int,
+    "id": str, **extra model inputs}. Every processor output other than input_ids, attention_mask and
+    offset_mapping is kept, as one of two kinds (InstructionCollator batches each kind by its rule):
+
+    - per-token: shaped like the processor's input_ids [1, T] (Qwen2-VL's mm_token_type_ids); kept as [T], truncated
+      with input_ids.
+    - per-image: anything else, kept exactly as the processor returns it for this one image, whose leading axis is
+      the one the processor concatenates images along: LLaVA pixel_values [1, 3, H, W]; LLaVA-NeXT pixel_values
+      [1, patches, 3, H, W] and image_sizes [1, 2]; Qwen2-VL pixel_values [patches, dim] and image_grid_thw [1, 3].
+
+    "pixel_values" is None for a record without an image. `task_names` fixes the task vocabulary (default: sorted
+    task names of `records`, "unknown" for records without one); pass the training vocabulary when encoding
+    evaluation data.
     """
 
     def __init__(self, records: Sequence[Record], processor: Any, *, template: str = "vicuna_v1",
@@ -91,10 +104,20 @@ class InstructionDataset(Dataset):
         input_ids = encoded["input_ids"][0]
         spans = self._expanded_answer_spans(rendered, input_ids)
         labels = answer_labels(input_ids, encoded["offset_mapping"][0], spans)
+        full_shape = encoded["input_ids"].shape
         input_ids, labels = self._truncate(record, input_ids, labels)
-        pixel_values = encoded["pixel_values"][0] if image is not None else None
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values,
-                "task_id": self.task_id(record.task_name), "id": record.id}
+        length = len(input_ids)
+        item: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "pixel_values": None}
+        for key, value in encoded.items():
+            if key in NOT_MODEL_INPUTS or value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"processor output {key!r} is a {type(value).__name__}, not a tensor; "
+                                "InstructionDataset cannot batch it")
+            # per-token: [1, T] like input_ids -> [T], truncated; per-image: kept as returned (see the class doc)
+            item[key] = value[0, :length] if value.shape == full_shape else value
+        item.update(task_id=self.task_id(record.task_name), id=record.id)
+        return item
 
     def validate(self) -> SkipReport:
         """Encode every record once (images included). Raises on the first bad record; with skip_bad_records,

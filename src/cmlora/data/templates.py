@@ -5,7 +5,14 @@ A template returns text and answer spans rather than tokens. The dataset tokeniz
 tokens whose character offsets overlap an answer span; everything else gets -100. Tokenizing the full text once,
 instead of segment by segment, avoids the boundary mismatches of BPE/SentencePiece on separately encoded pieces.
 
-Each answer span covers the answer and its end-of-turn string ("</s>" in Vicuna v1), so the model learns to stop.
+Each answer span covers the answer and its end-of-turn string ("</s>" in Vicuna v1), so the model learns to stop,
+and nothing after it (a newline a chat template writes after its end-of-turn token is not learned).
+
+Which template: "vicuna_v1" is the paper's format for LLaVA-1.5 (Vicuna); "chat" renders with the checkpoint's own
+chat template, the format the model was instruction-tuned in and is prompted in after training (Qwen2-VL's
+ChatML). cmlora.train's default, "auto", picks vicuna_v1 for LLaVA and chat for the other families. Both work with
+every supported processor: vicuna_v1 writes each family's own image placeholder (IMAGE_PLACEHOLDERS) and ends
+answers with the tokenizer's eos token.
 """
 
 from __future__ import annotations
@@ -31,23 +38,36 @@ VICUNA_V1_SYSTEM = (
 )
 VICUNA_V1_SEP = " "  # after the system prompt and after each user turn
 VICUNA_V1_SEP2 = "</s>"  # after each assistant answer; Llama tokenizers read it as the eos token
+# What stands for one image in the prompt, by the processor's image token, where that token alone is not it: the
+# processor expands the image token into the image's tokens, and the model also expects the tokens around it.
+# Qwen2-VL and Qwen2.5-VL wrap <|image_pad|> in vision start/end tokens, as their chat templates do.
+IMAGE_PLACEHOLDERS = {"<|image_pad|>": "<|vision_start|><|image_pad|><|vision_end|>"}
+
+
+def image_placeholder(processor: Any) -> str:
+    """The text that stands for one image for `processor`: `<image>` for LLaVA, Qwen2-VL's vision-wrapped pad."""
+    image_token = getattr(processor, "image_token", None) or IMAGE_MARKER
+    return IMAGE_PLACEHOLDERS.get(image_token, image_token)
 
 
 def vicuna_v1(turns: list[Turn], processor: Any = None) -> RenderedConversation:
     """LLaVA-v1's conv_vicuna_v1: "{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>".
 
-    The data's `<image>` marker is replaced by the processor's image token when that is spelled differently.
+    For other families the data's `<image>` marker becomes the processor's image placeholder (`image_placeholder`)
+    and "</s>" the tokenizer's eos token (Qwen2-VL: <|im_end|>), so the model learns to stop where generation does.
     """
-    image_token = getattr(processor, "image_token", None) or IMAGE_MARKER
+    placeholder = image_placeholder(processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    end = getattr(tokenizer, "eos_token", None) or VICUNA_V1_SEP2
     text = VICUNA_V1_SYSTEM + VICUNA_V1_SEP
     spans = []
     for turn in turns:
         if turn.role == "user":
-            text += "USER: " + turn.text.replace(IMAGE_MARKER, image_token) + VICUNA_V1_SEP
+            text += "USER: " + turn.text.replace(IMAGE_MARKER, placeholder) + VICUNA_V1_SEP
         else:
             text += "ASSISTANT: "
             start = len(text)
-            text += turn.text + VICUNA_V1_SEP2
+            text += turn.text + end
             spans.append((start, len(text)))
     return RenderedConversation(text=text, answer_spans=spans)
 
@@ -56,8 +76,9 @@ def chat(turns: list[Turn], processor: Any) -> RenderedConversation:
     """The processor's own chat template (`apply_chat_template`), for models not trained on Vicuna v1.
 
     Answer spans come from rendering prefixes: the answer of turn k is what rendering turns[:k+1] adds to
-    rendering turns[:k] with the generation prompt. That needs a prefix-stable template (true of common ones);
-    a template that rewrites earlier turns raises, since its answer spans cannot be located.
+    rendering turns[:k] with the generation prompt, less trailing whitespace (ChatML's newline after <|im_end|>:
+    generation stops at the end token, so what follows it is not learned). That needs a prefix-stable template (true
+    of common ones); a template that rewrites earlier turns raises, since its answer spans cannot be located.
     """
     if getattr(processor, "chat_template", None) is None:
         raise ValueError("template='chat' needs a processor with a chat_template; this one has none. "
@@ -77,7 +98,7 @@ def chat(turns: list[Turn], processor: Any) -> RenderedConversation:
         if not (after.startswith(before) and text.startswith(after)):
             raise ValueError("template='chat': the processor's chat template is not prefix-stable (rendering more "
                              "turns changes earlier text), so answer spans cannot be located; use 'vicuna_v1'.")
-        spans.append((len(before), len(after)))
+        spans.append((len(before), max(len(before), len(after.rstrip()))))
     return RenderedConversation(text=text, answer_spans=spans)
 
 

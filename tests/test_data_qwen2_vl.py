@@ -1,0 +1,204 @@
+"""The data pipeline beyond LLaVA: Qwen2-VL items and batches (mm_token_type_ids, image_grid_thw, patch-flattened
+pixel_values), LLaVA-NeXT's image_sizes and padded patches, and training a tiny Qwen2-VL end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import cmlora
+from cmlora import vlm
+from cmlora.data import TEMPLATES, InstructionCollator, InstructionDataset, Turn, load_records
+from cmlora.train import TrainConfig, load_run, resolve_template, train
+
+from .data_helpers import save_image, text_record, vf_record, write_jsonl
+from .synthetic_data import write_records
+from .test_data_dataset import TWO_TURNS, labelled_runs
+
+VISION = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return vlm.tiny_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl"))
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_dir):
+    model, processor = vlm.load(qwen_dir)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """r0: image + two answered turns; r1: text only; r2: another image (another size)."""
+    folder = tmp_path_factory.mktemp("data")
+    save_image(folder / "a.png", (255, 0, 0), (40, 30))
+    save_image(folder / "b.png", (0, 0, 255), (24, 48))
+    rows = [vf_record("r0", "a.png", "color", TWO_TURNS), text_record("r1", task=None),
+            vf_record("r2", "b.png", "shape", ("<image>\nShape?", "square"))]
+    loaded, _ = load_records(write_jsonl(folder / "train.jsonl", rows))
+    return loaded
+
+
+def test_vicuna_v1_uses_each_familys_image_placeholder_and_end_token(qwen):
+    _, processor = qwen
+    turns = [Turn("user", "<image>\nq1"), Turn("assistant", "a1")]
+    rendered = TEMPLATES["vicuna_v1"](turns, processor)
+    assert f"USER: {VISION}\nq1 ASSISTANT: a1<|im_end|>" in rendered.text
+    assert [rendered.text[a:b] for a, b in rendered.answer_spans] == ["a1<|im_end|>"]
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
+def test_qwen2_vl_item_labels_answers_and_end_token_only(qwen, records, template):
+    model, processor = qwen
+    tokenizer = processor.tokenizer
+    dataset = InstructionDataset(records, processor, template=template)
+    item = dataset[0]
+    space = " " if template == "vicuna_v1" else ""  # "ASSISTANT: red" vs "<|im_start|>assistant\nred"
+    runs = labelled_runs(item["labels"])
+    assert runs == [tokenizer(f"{space}red<|im_end|>", add_special_tokens=False).input_ids,
+                    tokenizer(f"{space}a blue square<|im_end|>", add_special_tokens=False).input_ids]
+    assert tokenizer.decode(sum(runs, [])) == f"{space}red<|im_end|>{space}a blue square<|im_end|>"
+    labelled = item["labels"] != -100
+    assert torch.equal(item["labels"][labelled], item["input_ids"][labelled])
+    # the image: wrapped in vision start/end, expanded to one token per merged patch, marked in mm_token_type_ids
+    ids = item["input_ids"].tolist()
+    image_id, start_id = model.config.image_token_id, model.config.vision_start_token_id
+    first = ids.index(image_id)
+    assert ids[first - 1] == start_id and ids[first + 4] == model.config.vision_end_token_id
+    assert item["mm_token_type_ids"].shape == item["input_ids"].shape
+    assert torch.equal(item["mm_token_type_ids"].bool(), item["input_ids"] == image_id)
+    assert item["image_grid_thw"].tolist() == [[1, 4, 4]]
+    assert item["pixel_values"].shape == (16, 3 * 2 * 8 * 8)  # 4x4 patches of 2 frames x 8x8 x RGB
+    text_item = dataset[1]
+    assert text_item["pixel_values"] is None and "image_grid_thw" not in text_item
+    assert not text_item["mm_token_type_ids"].any()
+
+
+def test_per_token_inputs_are_truncated_with_input_ids(qwen, records):
+    _, processor = qwen
+    full = InstructionDataset(records, processor)[0]
+    cut = InstructionDataset(records, processor, max_length=len(full["input_ids"]) - 3)[0]
+    assert len(cut["mm_token_type_ids"]) == len(cut["input_ids"]) == len(full["input_ids"]) - 3
+    assert torch.equal(cut["mm_token_type_ids"], full["mm_token_type_ids"][:-3])
+    assert torch.equal(cut["pixel_values"], full["pixel_values"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
+def test_mixed_qwen2_vl_batch_matches_each_item_alone(qwen, records, template):
+    model, processor = qwen
+    dataset = InstructionDataset(records, processor, template=template)
+    items = [dataset[0], dataset[1], dataset[2]]  # image, text only, image
+    collate = InstructionCollator(processor.tokenizer.pad_token_id)
+    batch = collate(items)
+    assert batch.pop("mixlora_task_ids").tolist() == [0, 2, 1]
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "mm_token_type_ids", "pixel_values",
+                          "image_grid_thw"}
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 2]]  # 24x48 keeps its aspect: 8 patches, 2 tokens
+    assert torch.equal(batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[2]["pixel_values"]]))
+    width = batch["input_ids"].shape[1]
+    for row, item in enumerate(items):
+        length = len(item["input_ids"])
+        assert batch["mm_token_type_ids"][row].tolist() == item["mm_token_type_ids"].tolist() + [0] * (width - length)
+    output = model(**batch)
+    assert torch.isfinite(output.loss)
+    for row, item in enumerate(items):
+        alone = collate([item])
+        alone.pop("mixlora_task_ids")
+        length = len(item["input_ids"])
+        torch.testing.assert_close(output.logits[row, :length], model(**alone).logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_text_only_qwen2_vl_batch_has_no_image_inputs(qwen, records):
+    _, processor = qwen
+    dataset = InstructionDataset(records, processor)
+    batch = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None)([dataset[1], dataset[1]])
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "mm_token_type_ids"}
+    assert not batch["mm_token_type_ids"].any()
+
+
+# ----------------------------------------------------------------- LLaVA-NeXT: image_sizes, padded patches
+def tiny_llava_next():
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = vlm.tiny_tokenizer()
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=16, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                             vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    return LlavaNextForConditionalGeneration(config).eval(), processor
+
+
+@torch.no_grad()
+def test_llava_next_image_sizes_and_patch_counts_travel_with_their_rows(tmp_path):
+    model, processor = tiny_llava_next()
+    save_image(tmp_path / "wide.png", (255, 0, 0), (40, 30))  # base + 2 grid crops = 3 patches
+    save_image(tmp_path / "square.png", (0, 0, 255), (60, 60))  # base + 4 grid crops = 5 patches
+    rows = [vf_record("a", "wide.png"), text_record("t"), vf_record("b", "square.png", "shape")]
+    records, _ = load_records(write_jsonl(tmp_path / "d.jsonl", rows))
+    dataset = InstructionDataset(records, processor)
+    items = [dataset[0], dataset[1], dataset[2]]
+    assert items[0]["pixel_values"].shape[:2] == (1, 3) and items[2]["pixel_values"].shape[:2] == (1, 5)
+    collate = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None)
+    batch = collate(items)
+    # as the processor batches the two images itself: image_sizes stacked, patch counts zero-padded to the largest
+    own = processor(images=[Image.open(r.image) for r in (records[0], records[2])], text=["<image>", "<image>"],
+                    padding=True, return_tensors="pt")
+    assert torch.equal(batch["image_sizes"], own["image_sizes"])
+    assert batch["image_sizes"].tolist() == [[30, 40], [60, 60]]
+    torch.testing.assert_close(batch["pixel_values"], own["pixel_values"], atol=0, rtol=0)
+    output = model(**batch)
+    assert torch.isfinite(output.loss)
+    for row, item in enumerate(items):
+        length = len(item["input_ids"])
+        torch.testing.assert_close(output.logits[row, :length], model(**collate([item])).logits[0],
+                                   atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------- training end to end
+def test_auto_template_is_vicuna_v1_for_llava_and_chat_for_qwen2_vl(qwen, tmp_path):
+    model, processor = qwen
+    assert resolve_template("auto", model, processor) == "chat"
+    assert resolve_template("vicuna_v1", model, processor) == "vicuna_v1"
+    llava, llava_processor = vlm.load(vlm.tiny(tmp_path / "llava"))
+    assert resolve_template("auto", llava, llava_processor) == "vicuna_v1"
+
+
+@pytest.mark.parametrize("template", ["auto", "vicuna_v1"])
+def test_train_a_tiny_qwen2_vl_then_load_and_generate(qwen_dir, tmp_path, capsys, template):
+    data = write_records(tmp_path / "data", count=8)
+    config = TrainConfig(model=str(qwen_dir), data=str(data), image_folder=str(data.parent / "images"),
+                         output_dir=str(tmp_path / "run"), adapter="mixlora", template=template, max_length=128,
+                         num_factors=8, r=2, learning_rate=1e-3, batch_size=4, max_steps=2, logging_steps=1,
+                         save_steps=100, use_cpu=True, seed=3)
+    run = train(config)
+    expected = "chat" if template == "auto" else "vicuna_v1"
+    assert f"[cmlora] conversation template: {expected}" in capsys.readouterr().out
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    model, processor = load_run(run)
+    assert isinstance(model.base_model, cmlora.MixLoraModel)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What colour is the image?"}]}], add_generation_prompt=True)
+    inputs = processor(images=[Image.new("RGB", (32, 32), "red")], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 1 and 0 < out.shape[1] - inputs["input_ids"].shape[1] <= 3
