@@ -39,3 +39,18 @@ def save_image(path: Path, colour: tuple[int, int, int] = (255, 0, 0), size: tup
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
     return path
+
+
+TWO_TURNS = ("<image>\nWhat colour is it?", "red", "And the shape?", "a blue square")
+
+
+def mixed_records(folder: Path) -> list:
+    """r0: image + two answered turns; r1: text only, task None; r2: another image (another size) and task."""
+    from cmlora.data import load_records
+
+    save_image(folder / "a.png", (255, 0, 0), (40, 30))
+    save_image(folder / "b.png", (0, 0, 255), (24, 48))
+    rows = [vf_record("r0", "a.png", "color", TWO_TURNS), text_record("r1", task=None),
+            vf_record("r2", "b.png", "shape", ("<image>\nShape?", "square"))]
+    loaded, _ = load_records(write_jsonl(folder / "train.jsonl", rows))
+    return loaded

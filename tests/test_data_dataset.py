@@ -8,11 +8,9 @@ import pytest
 import torch
 
 from cmlora import vlm
-from cmlora.data import TEMPLATES, DataError, InstructionCollator, InstructionDataset, Record, Turn, load_records
+from cmlora.data import TEMPLATES, DataError, InstructionCollator, InstructionDataset, Record, Turn
 
-from .data_helpers import save_image, text_record, vf_record, write_jsonl
-
-TWO_TURNS = ("<image>\nWhat colour is it?", "red", "And the shape?", "a blue square")
+from .data_helpers import mixed_records
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +21,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    """r0: image + two answered turns; r1: text only, task None; r2: another image and task."""
-    folder = tmp_path_factory.mktemp("data")
-    save_image(folder / "a.png", (255, 0, 0), (40, 30))
-    save_image(folder / "b.png", (0, 0, 255), (24, 48))
-    rows = [vf_record("r0", "a.png", "color", TWO_TURNS), text_record("r1", task=None),
-            vf_record("r2", "b.png", "shape", ("<image>\nShape?", "square"))]
-    loaded, _ = load_records(write_jsonl(folder / "train.jsonl", rows))
-    return loaded
+    return mixed_records(tmp_path_factory.mktemp("data"))
 
 
 def labelled_runs(labels: torch.Tensor) -> list[list[int]]:

@@ -12,9 +12,9 @@ from cmlora import vlm
 from cmlora.data import TEMPLATES, InstructionCollator, InstructionDataset, Turn, load_records
 from cmlora.train import TrainConfig, load_run, resolve_template, train
 
-from .data_helpers import save_image, text_record, vf_record, write_jsonl
+from .data_helpers import mixed_records, save_image, text_record, vf_record, write_jsonl
 from .synthetic_data import write_records
-from .test_data_dataset import TWO_TURNS, labelled_runs
+from .test_data_dataset import labelled_runs
 
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -32,14 +32,7 @@ def qwen(qwen_dir):
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    """r0: image + two answered turns; r1: text only; r2: another image (another size)."""
-    folder = tmp_path_factory.mktemp("data")
-    save_image(folder / "a.png", (255, 0, 0), (40, 30))
-    save_image(folder / "b.png", (0, 0, 255), (24, 48))
-    rows = [vf_record("r0", "a.png", "color", TWO_TURNS), text_record("r1", task=None),
-            vf_record("r2", "b.png", "shape", ("<image>\nShape?", "square"))]
-    loaded, _ = load_records(write_jsonl(folder / "train.jsonl", rows))
-    return loaded
+    return mixed_records(tmp_path_factory.mktemp("data"))
 
 
 def test_vicuna_v1_uses_each_familys_image_placeholder_and_end_token(qwen):
