@@ -2,6 +2,8 @@
 
     cmlora train --config configs/tiny.yaml [--key value ...] [--resume]
     cmlora tiny-model --out runs/tiny-llava
+    cmlora eval --run RUN_DIR | --base MODEL [--adapter DIR]  --mme DIR --tasks DIR [--only text_vqa,pope]
+    cmlora compare RUN_A RUN_B ...
 """
 
 from __future__ import annotations
@@ -56,6 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     tiny_parser = commands.add_parser("tiny-model", help="write a tiny random LLaVA (model + processor), offline")
     tiny_parser.add_argument("--out", required=True, help="folder to write the checkpoint to")
     tiny_parser.add_argument("--seed", type=int, default=0)
+    eval_parser = commands.add_parser("eval", help="zero-shot evaluation: MME and the <task>.jsonl datasets")
+    source = eval_parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a run directory written by cmlora train")
+    source.add_argument("--base", help="a base model (hub id or folder), optionally with --adapter")
+    eval_parser.add_argument("--adapter", help="a PEFT adapter folder to load on --base")
+    eval_parser.add_argument("--mme", help="MME folder (official release layout or <subtask>.jsonl files)")
+    eval_parser.add_argument("--tasks", help="folder of <task>.jsonl files {unique_id, image_path, prompt, target}")
+    eval_parser.add_argument("--only", help="comma-separated task names (mme, text_vqa, pope, ...)")
+    eval_parser.add_argument("--out", help="output folder (default: RUN/eval, or ./eval)")
+    eval_parser.add_argument("--batch-size", type=int, default=8)
+    eval_parser.add_argument("--template", default=None, help="vicuna_v1, chat or auto (default: the run's)")
+    eval_parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    eval_parser.add_argument("--temperature", type=float, default=0.2)
+    eval_parser.add_argument("--top-p", type=float, default=1.0)
+    eval_parser.add_argument("--seed", type=int, default=0)
+    eval_parser.add_argument("--overwrite", action="store_true", help="regenerate existing predictions")
+    compare_parser = commands.add_parser("compare", help="print runs' evaluation summaries side by side")
+    compare_parser.add_argument("runs", nargs="+", help="run directories or scores.json files")
     args, rest = parser.parse_known_args(argv)
     if args.command != "train" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -63,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         from .vlm import TinySpec, tiny
 
         print(f"[cmlora] tiny LLaVA written to {tiny(args.out, TinySpec(seed=args.seed))}")
+    if args.command == "eval":
+        from .evaluation.cli import run_eval
+
+        run_eval(args)
+    if args.command == "compare":
+        from .evaluation.runner import compare
+
+        print(compare(args.runs), end="")
     if args.command == "train":
         from .train import load_config, train
 

@@ -12,10 +12,11 @@ from .collator import InstructionCollator
 from .dataset import InstructionDataset
 from .images import load_image
 from .records import DataError, Record, SkipReport, Turn, load_records
-from .templates import TEMPLATES
+from .templates import TEMPLATES, generation_prompt
 
 __all__ = [
     "TEMPLATES",
+    "generation_prompt",
     "DataError",
     "InstructionCollator",
     "InstructionDataset",

@@ -119,3 +119,16 @@ def _chat_message(turn: Turn) -> dict[str, Any]:
 
 
 TEMPLATES: dict[str, Template] = {"vicuna_v1": vicuna_v1, "chat": chat}
+
+
+def generation_prompt(turns: list[Turn], processor: Any, template: str) -> str:
+    """The text a model is prompted with to answer after `turns` (ending with a user turn), in `template`.
+
+    Rendered exactly as in training, with an empty answer appended, and cut where that answer starts, so a
+    model sees at inference what preceded its answers in training. Vicuna v1's space after "ASSISTANT:" is left
+    out: in training it was tokenized into the answer's first token.
+    """
+    if not turns or turns[-1].role != "user":
+        raise ValueError("generation_prompt: the conversation must end with a user turn")
+    rendered = TEMPLATES[template]([*turns, Turn("assistant", "")], processor)
+    return rendered.text[: rendered.answer_spans[-1][0]].rstrip(" ")
