@@ -123,3 +123,24 @@ def test_eval_and_compare_commands(bench, tmp_path, capsys):
     main(["compare", str(tmp_path / "a"), str(tmp_path / "b")])
     table = capsys.readouterr().out
     assert table.splitlines()[0] == "| metric | a | b |" and "| colour_vqa |" in table
+
+
+def test_eval_of_a_training_run(tmp_path, capsys):
+    from cmlora.train import TrainConfig, train
+
+    from .synthetic_data import write_records
+
+    model_dir = vlm.tiny(tmp_path / "tiny")
+    data = write_records(tmp_path / "data", count=8)
+    run = train(TrainConfig(model=str(model_dir), data=str(data), image_folder=str(data.parent / "images"),
+                            output_dir=str(tmp_path / "run"), max_length=128, num_factors=8, r=2, batch_size=4,
+                            max_steps=2, save_steps=100, use_cpu=True))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    draw(tasks / "a.png", 0)
+    (tasks / "vsr.jsonl").write_text(json.dumps({"unique_id": 1, "image_path": "a.png", "prompt": "The cat is left "
+                                                 "of the dog. True or false?", "target": "true"}) + "\n")
+    main(["eval", "--run", str(run), "--tasks", str(tasks)])
+    scores = json.loads((run / "eval" / "scores.json").read_text())
+    assert scores["tasks"]["vsr"]["count"] == 1 and str(run.resolve()) in scores["model"]
+    assert "| vsr |" in capsys.readouterr().out
