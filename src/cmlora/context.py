@@ -188,6 +188,10 @@ class RoutingContext:
             )
         return selection
 
+    def last_selection(self, layer: str, adapter: str) -> Selection | None:
+        """The selection `layer` made for `adapter` in the latest model call (or its prefill), if any."""
+        return self._selections.get((layer, adapter))
+
     def store(self, layer: str, adapter: str, selection: Selection) -> None:
         self._selections[(layer, adapter)] = selection
         key = (self.call_id, layer, adapter)

@@ -157,7 +157,7 @@ def router_statistics(model: nn.Module) -> dict[str, float]:
         if not isinstance(module, MixLoraLayer) or module.mixlora_context is None:
             continue
         for adapter, settings in module.mixlora_settings.items():
-            selection = module.mixlora_context._selections.get((module.mixlora_layer_name, adapter))
+            selection = module.mixlora_context.last_selection(module.mixlora_layer_name, adapter)
             if selection is None or settings.plain:
                 continue
             for indices in (selection.index_a, selection.index_b):
