@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,8 @@ class TinySpec:
     intermediate: int = 128
     vocab_size: int = 512
     seed: int = 0
+    vision_intermediate: int | None = None  # None: 2 * vision_hidden
+    vision_feature_layer: int = -2  # LLaVA's choice; a 2-layer tower trained from scratch does better with -1
 
 
 _TOKENIZER_CORPUS = (
@@ -172,8 +175,10 @@ _TOKENIZER_CORPUS = (
 )
 
 
-def _byte_level_bpe(vocab_size: int, specials: list[str], **special_tokens: Any) -> Any:
-    """A byte-level BPE tokenizer trained here on a small built-in corpus: any text encodes, nothing downloads.
+def _byte_level_bpe(vocab_size: int, specials: list[str], corpus: Sequence[str] | None = None,
+                    **special_tokens: Any) -> Any:
+    """A byte-level BPE tokenizer trained here, on `corpus` or a small built-in one: any text encodes, nothing
+    downloads. Trained on the texts a model will see, frequent words become single tokens (short sequences).
 
     `specials` get the first ids, in order; `special_tokens` are PreTrainedTokenizerFast's keyword arguments
     (unk_token, bos_token, ..., extra_special_tokens).
@@ -186,13 +191,13 @@ def _byte_level_bpe(vocab_size: int, specials: list[str], **special_tokens: Any)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
+    tokenizer.train_from_iterator(list(corpus) if corpus is not None else [_TOKENIZER_CORPUS] * 4, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_tokens)
 
 
-def tiny_tokenizer(vocab_size: int = 512) -> Any:
+def tiny_tokenizer(vocab_size: int = 512, corpus: Sequence[str] | None = None) -> Any:
     """LLaVA's tiny tokenizer: a locally trained byte-level BPE with <s>, </s>, <pad> and <image>."""
-    return _byte_level_bpe(vocab_size, ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN], unk_token="<unk>",
+    return _byte_level_bpe(vocab_size, ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN], corpus, unk_token="<unk>",
                            bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                            extra_special_tokens={"image_token": IMAGE_TOKEN})
 
@@ -204,8 +209,11 @@ def tiny_qwen2_vl_tokenizer(vocab_size: int = 512) -> Any:
                            pad_token="<|endoftext|>", extra_special_tokens=dict(QWEN2_VL_TOKENS))
 
 
-def tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
-    """Write a tiny, randomly initialised LLaVA (model + processor) to `out_dir`, loadable with `load(out_dir)`."""
+def tiny(out_dir: str | Path, spec: TinySpec | None = None, corpus: Sequence[str] | None = None) -> Path:
+    """Write a tiny, randomly initialised LLaVA (model + processor) to `out_dir`, loadable with `load(out_dir)`.
+
+    `corpus`: texts to train the tokenizer on (default: a small built-in corpus).
+    """
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -218,7 +226,7 @@ def tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     spec = spec or TinySpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny_tokenizer(spec.vocab_size)
+    tokenizer = tiny_tokenizer(spec.vocab_size, corpus)
     image_tokens = (spec.image_size // spec.patch_size) ** 2
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
@@ -226,7 +234,8 @@ def tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=VICUNA_CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
+    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden,
+                              intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
                               num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
                               image_size=spec.image_size, patch_size=spec.patch_size,
                               projection_dim=spec.vision_hidden)
@@ -237,7 +246,7 @@ def tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         image_seq_length=image_tokens, vision_feature_layer=-2,
+                         image_seq_length=image_tokens, vision_feature_layer=spec.vision_feature_layer,
                          vision_feature_select_strategy="default")
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config)

@@ -1,0 +1,50 @@
+"""The tiny base's pretraining pipeline on a miniature suite: training, per-skill evaluation, the content cache."""
+
+import json
+import shutil
+
+import pytest
+
+from cmlora import vlm
+from cmlora.data import TEMPLATES, Turn
+from cmlora.synth import base as base_module
+from cmlora.synth.base import PretrainConfig, pretrain_base
+
+from .synthetic_data import write_records
+
+SMALL = vlm.TinySpec(vision_hidden=32, text_hidden=64, vocab_size=400, vision_feature_layer=-1)
+
+
+@pytest.fixture
+def suite(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMLORA_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "suite"
+    write_records(root, count=24)
+    shutil.copy(root / "train.json", root / "pretrain.json")
+    shutil.copy(root / "train.json", root / "pretrain_eval.json")
+    (root / "manifest.json").write_text("{}")
+    return root
+
+
+def test_plain_template_is_vicuna_without_the_system_prompt():
+    turns = [Turn("user", "<image>\nWhat colour?"), Turn("assistant", "red")]
+    vicuna, plain = TEMPLATES["vicuna_v1"](turns), TEMPLATES["plain"](turns)
+    assert vicuna.text.endswith(plain.text) and plain.text.startswith("USER: ")
+    assert plain.text[plain.answer_spans[0][0]:plain.answer_spans[0][1]] == "red</s>"
+
+
+def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monkeypatch):
+    config = PretrainConfig(steps=40, batch_size=8, spec=SMALL, eval_batch_size=16)
+    out = pretrain_base(suite, tmp_path / "base", config)
+    report = json.loads((out / "base_eval.json").read_text())
+    assert set(report["skills"]) == {"colour", "yes_no"}
+    assert report["training"]["steps"] == 40 and report["training"]["mean_loss_last_100"] < 3.0
+    model, processor = vlm.load(out)
+    assert model.config.vision_feature_layer == -1
+    calls = []
+    monkeypatch.setattr(base_module, "train_base", lambda *args, **kwargs: calls.append(1))
+    again = pretrain_base(suite, tmp_path / "base2", config)  # same content: served from the cache
+    assert not calls and (again / "base_eval.json").read_text() == (out / "base_eval.json").read_text()
+    key = base_module.content_hash(suite, config)
+    (suite / "pretrain.json").write_text((suite / "pretrain.json").read_text().replace("red", "crimson"))
+    assert base_module.content_hash(suite, config) != key  # changed content: a new key, trained anew
