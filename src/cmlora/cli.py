@@ -2,8 +2,10 @@
 
     cmlora train --config configs/tiny.yaml [--key value ...] [--resume]
     cmlora tiny-model --out runs/tiny-llava
+    cmlora synth --out suite [--seed 0] [--grid 2] [--train-per-task 300] ...
     cmlora eval --run RUN_DIR | --base MODEL [--adapter DIR]  --mme DIR --tasks DIR [--only text_vqa,pope]
     cmlora compare RUN_A RUN_B ...
+    cmlora routes --run RUN_DIR | --base MODEL (--adapter DIR | --fresh mixlora)  --data train.json [--unseen eval.json]
 """
 
 from __future__ import annotations
@@ -48,6 +50,17 @@ def _scalar(text: str) -> Any:
     return value
 
 
+def add_model_source(parser: argparse.ArgumentParser, fresh: tuple[str, ...] = ()) -> None:
+    """--run RUN_DIR, or --base MODEL with --adapter DIR (or, where offered, --fresh ADAPTER_KIND)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a run directory written by cmlora train")
+    source.add_argument("--base", help="a base model (hub id or folder), with --adapter"
+                        + (" or --fresh" if fresh else ""))
+    parser.add_argument("--adapter", help="a PEFT adapter folder to load on --base")
+    if fresh:
+        parser.add_argument("--fresh", choices=list(fresh), help="a freshly initialised adapter on --base")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmlora", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,11 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     tiny_parser = commands.add_parser("tiny-model", help="write a tiny random LLaVA (model + processor), offline")
     tiny_parser.add_argument("--out", required=True, help="folder to write the checkpoint to")
     tiny_parser.add_argument("--seed", type=int, default=0)
+    synth_parser = commands.add_parser("synth", help="write the synthetic suite (train.json, eval/, mme/, pretrain)")
+    synth_parser.add_argument("--out", required=True, help="folder to write the suite to (empty, or an earlier suite)")
+    synth_parser.add_argument("--seed", type=int, default=0)
+    for flag, default in (("--grid", 2), ("--train-per-task", 300), ("--eval-per-task", 100),
+                          ("--mme-images-per-subtask", 30), ("--pretrain-images", 20000),
+                          ("--pretrain-eval-per-skill", 100)):
+        synth_parser.add_argument(flag, type=int, default=default, help=f"default {default}")
+    synth_parser.add_argument("--font", default="auto", choices=["auto", "freetype", "bitmap"])
     eval_parser = commands.add_parser("eval", help="zero-shot evaluation: MME and the <task>.jsonl datasets")
-    source = eval_parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="a run directory written by cmlora train")
-    source.add_argument("--base", help="a base model (hub id or folder), optionally with --adapter")
-    eval_parser.add_argument("--adapter", help="a PEFT adapter folder to load on --base")
+    add_model_source(eval_parser)
     eval_parser.add_argument("--mme", help="MME folder (official release layout or <subtask>.jsonl files)")
     eval_parser.add_argument("--tasks", help="folder of <task>.jsonl files {unique_id, image_path, prompt, target}")
     eval_parser.add_argument("--only", help="comma-separated task names (mme, text_vqa, pope, ...)")
@@ -76,6 +94,39 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.add_argument("--overwrite", action="store_true", help="regenerate existing predictions")
     compare_parser = commands.add_parser("compare", help="print runs' evaluation summaries side by side")
     compare_parser.add_argument("runs", nargs="+", help="run directories or scores.json files")
+    interference_parser = commands.add_parser("interference", help="task interference matrices (method.md 5)")
+    add_model_source(interference_parser, fresh=("lora", "mixlora"))
+    interference_parser.add_argument("--data", required=True, help="training records (JSON or JSONL)")
+    interference_parser.add_argument("--image-folder", help="folder the records' image paths are in")
+    interference_parser.add_argument("--tasks", help="comma-separated task names (default: all in --data)")
+    interference_parser.add_argument("--layers", default="first,mid,last", help="blocks: indices or first/mid/last")
+    interference_parser.add_argument("--batches", type=int, default=4, help="batches per task")
+    interference_parser.add_argument("--batch-size", type=int, default=8)
+    interference_parser.add_argument("--lam", type=float, default=1e-3, help="step length in parameter units")
+    interference_parser.add_argument("--first-order-only", action="store_true", help="skip the exact form")
+    interference_parser.add_argument("--out", help="output folder (default: RUN/analysis/interference)")
+    routes_parser = commands.add_parser("routes", help="factor-selection patterns of a MixLoRA model per task")
+    add_model_source(routes_parser, fresh=("mixlora", "lora"))
+    routes_parser.add_argument("--num-factors", type=int, default=16, help="--fresh: factors per pool (E)")
+    routes_parser.add_argument("--rank", type=int, default=4, help="--fresh: factors selected per instance (r)")
+    routes_parser.add_argument("--routing", default="ifs+cfs", help="--fresh: MixLoRA routing")
+    routes_parser.add_argument("--data", required=True, help="records of the seen (training) tasks")
+    routes_parser.add_argument("--unseen", help="records of unseen tasks")
+    routes_parser.add_argument("--image-folder", help="folder of --data's images (default: the file's folder)")
+    routes_parser.add_argument("--unseen-image-folder", help="folder of --unseen's images")
+    routes_parser.add_argument("--tasks", help="comma-separated seen tasks (default: all in --data)")
+    routes_parser.add_argument("--unseen-tasks", help="comma-separated unseen tasks (default: all in --unseen)")
+    routes_parser.add_argument("--layers", default="0,mid,last", help="transformer blocks: indices or first/mid/last")
+    routes_parser.add_argument("--module", help="adapted module per block, e.g. v_proj (default: the first one)")
+    routes_parser.add_argument("--batches", type=int, default=4, help="batches per task")
+    routes_parser.add_argument("--batch-size", type=int, default=8)
+    routes_parser.add_argument("--max-length", type=int, default=1024)
+    routes_parser.add_argument("--min-share", type=float, default=0.05,
+                               help="a task uses a factor selected by at least this share of its instances")
+    routes_parser.add_argument("--collapse-threshold", type=float, default=0.9,
+                               help="flag a layer whose r most selected factors take this share of selections")
+    routes_parser.add_argument("--seed", type=int, default=0)
+    routes_parser.add_argument("--out", help="output folder (default: RUN/analysis/routes, or ./analysis/routes)")
     args, rest = parser.parse_known_args(argv)
     if args.command != "train" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -83,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         from .vlm import TinySpec, tiny
 
         print(f"[cmlora] tiny LLaVA written to {tiny(args.out, TinySpec(seed=args.seed))}")
+    if args.command == "synth":
+        from .synth import write_suite
+
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "out", "seed")}
+        manifest = write_suite(args.out, args.seed, **options)
+        print(f"[cmlora] suite written to {args.out}: {manifest['train_records']} training records, "
+              f"{len(manifest['train_tasks'])} tasks, {len(manifest['eval_tasks'])} eval files, MME in {args.out}/mme")
     if args.command == "eval":
         from .evaluation.cli import run_eval
 
@@ -91,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation.runner import compare
 
         print(compare(args.runs), end="")
+    if args.command == "interference":
+        from .analysis.interference import run_from_args
+
+        run_from_args(args)
+    if args.command == "routes":
+        from .analysis.routes import run_routes
+
+        run_routes(args)
     if args.command == "train":
         from .train import load_config, train
 

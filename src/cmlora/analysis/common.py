@@ -49,6 +49,7 @@ class AnalysisModel:
     processor: Any
     template: str
     name: str  # for titles and file names
+    task_names: list[str] | None = None  # a run's task vocabulary (the ids MixLoRA's routing='task' was trained on)
 
 
 def load_analysis_model(run: str | Path | None = None, *, base: str | None = None, adapter: str | None = None,
@@ -65,6 +66,9 @@ def load_analysis_model(run: str | Path | None = None, *, base: str | None = Non
         model, processor = load_run(run)
         template = load_config(Path(run) / "config.yaml").template
         name = Path(run).name
+        vocabulary = Path(run) / "task_names.json"
+        task_names = json.loads(vocabulary.read_text()) if vocabulary.exists() else None
+        return AnalysisModel(model.eval(), processor, resolve_template(template, model, processor), name, task_names)
     elif base is not None and adapter is not None:
         model, processor = vlm.load(base)
         model = PeftModel.from_pretrained(model, adapter)
@@ -84,8 +88,9 @@ def task_batches(analysis: AnalysisModel, data: str | Path, tasks: Sequence[str]
                  max_length: int = 1024) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Up to `max_batches` collated batches per task (records in file order), ready for `model(**batch)`.
 
-    Batches carry `mixlora_task_ids` (the task's index in `tasks`), which MixLoRA models read and other models
-    must not receive: use `model_inputs(model, batch)`.
+    Batches carry `mixlora_task_ids`, which MixLoRA models read and other models must not receive (use
+    `model_inputs(model, batch)`): a task's index in the run's task vocabulary when the model comes from a run,
+    tasks the run never saw numbered after it; else its index in `tasks`.
     """
     from ..data import InstructionCollator, InstructionDataset, load_records
 
@@ -98,11 +103,13 @@ def task_batches(analysis: AnalysisModel, data: str | Path, tasks: Sequence[str]
     tokenizer = getattr(analysis.processor, "tokenizer", analysis.processor)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = InstructionCollator(pad)
+    vocabulary = list(analysis.task_names or [])
+    vocabulary += [task for task in wanted if task not in vocabulary]
     batches: dict[str, list[dict[str, torch.Tensor]]] = {}
     for task in wanted:
         chosen = [r for r in records if (r.task_name or "unknown") == task][: batch_size * max_batches]
         dataset = InstructionDataset(chosen, analysis.processor, template=analysis.template, max_length=max_length,
-                                     task_names=wanted)
+                                     task_names=vocabulary)
         items = [dataset[i] for i in range(len(dataset))]
         batches[task] = [collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
     return batches

@@ -1,0 +1,332 @@
+"""The synthetic suite (`cmlora synth`): determinism, formats the loaders accept, task coverage, train/eval
+separation, answers re-derived from the scenes, held-out digits, manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmlora.cli import main
+from cmlora.data import load_records
+from cmlora.evaluation.inputs import read_mme, read_task_dir
+from cmlora.evaluation.mme import MMERow, score_mme
+from cmlora.evaluation.scoring import score_task
+from cmlora.evaluation.tasks import spec_for
+from cmlora.synth import write_suite
+from cmlora.synth.scenes import (
+    COLOURS,
+    DIGITS_HELDOUT_START,
+    SHAPES,
+    SIZE_PX,
+    STYLES,
+    Sampler,
+    Scene,
+    positions,
+    render,
+)
+from cmlora.synth.train_tasks import CATEGORIES, CORNERS, TASKS
+
+SIZES = {"train_per_task": 12, "eval_per_task": 12, "mme_images_per_subtask": 4, "pretrain_images": 40,
+         "pretrain_eval_per_skill": 3}
+EVAL_NAMES = {"text_vqa", "vsr", "snli_ve", "cifar10", "cifar100", "mnist", "pope_random", "pope_popular",
+              "pope_adversarial"}
+SHAPE = "|".join(SHAPES)
+COLOUR = "|".join(COLOURS)
+
+
+def _generate(parent: Path, seed: int) -> Path:
+    out = parent / "suite"
+    write_suite(out, seed, **SIZES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("a") / "suite"
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in SIZES.items()]
+    assert main(["synth", "--out", str(out), "--seed", "0", *flags]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifest(suite) -> dict:
+    return json.loads((suite / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def scenes(suite) -> dict[str, Scene]:
+    lines = (suite / "scenes.jsonl").read_text().splitlines()
+    return {entry["image"]: Scene.from_dict(entry["scene"]) for entry in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def train(suite) -> list[dict]:
+    return json.loads((suite / "train.json").read_text())
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _qa(record: dict) -> tuple[str, str]:
+    return record["conversations"][0]["value"].removeprefix("<image>\n"), record["conversations"][1]["value"]
+
+
+def test_same_seed_same_bytes_other_seed_differs(suite, tmp_path):
+    first = _files(suite)
+    assert first == _files(_generate(tmp_path / "b", 0))
+    other = _files(_generate(tmp_path / "c", 1))
+    assert other.keys() == first.keys()
+    assert other["train.json"] != first["train.json"]
+    changed = sum(first[name] != other[name] for name in first if name.endswith(".png"))
+    assert changed > 0.9 * sum(name.endswith(".png") for name in first)
+
+
+def test_regenerating_replaces_a_suite_but_never_a_foreign_folder(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        write_suite(foreign, 0, **SIZES)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_training_records_load_and_cover_the_categories(suite, manifest, train):
+    records, report = load_records(suite / "train.json", suite / "images")
+    assert not report and len(records) == len(TASKS) * SIZES["train_per_task"] == manifest["train_records"]
+    assert all(record.image is not None and record.image.is_file() and record.task_name for record in records)
+    tasks = Counter(record.task_name for record in records)
+    assert len(tasks) >= 24 and set(tasks.values()) == {SIZES["train_per_task"]}
+    assert {task.category for task in TASKS} == set(CATEGORIES) and len(CATEGORIES) == 6
+    templates = [template for task in TASKS for template in task.templates]
+    assert len(templates) == len(set(templates))  # no two tasks ask the same question with different answers
+    by_name = {entry["name"]: entry for entry in manifest["train_tasks"]}
+    for record in train:
+        templates = by_name[record["task_name"]]["templates"]
+        assert len(set(templates)) >= 3
+        question, answer = _qa(record)
+        patterns = [re.escape(t).replace(r"\{", "{").replace(r"\}", "}") for t in templates]
+        assert any(re.fullmatch(re.sub(r"{\w+}", ".+?", p), question) for p in patterns), question
+        assert answer.strip()
+    for name in ("pretrain.json", "pretrain_eval.json"):
+        load_records(suite / name, suite / "images")
+
+
+def test_interfering_tasks_share_images_with_different_conventions(train):
+    by_image: dict[str, dict[str, str]] = {}
+    for record in train:
+        by_image.setdefault(record["image"], {})[record["task_name"]] = _qa(record)[1]
+    shared = [answers for answers in by_image.values() if {"count_objects_digit", "count_objects_word"} <= set(answers)]
+    assert shared
+    words = ["zero", "one", "two", "three", "four"]
+    assert all(words[int(a["count_objects_digit"])] == a["count_objects_word"] for a in shared)
+    assert {a["exists_true_false"] for a in shared} == {"true", "false"}
+    assert {a["exists_yes_no"] for a in shared} == {"yes", "no"}
+
+
+def test_eval_tasks_are_unseen(suite, train, manifest):
+    train_names = {record["task_name"] for record in train}
+    eval_names = {entry["name"] for entry in manifest["eval_tasks"]}
+    assert eval_names == EVAL_NAMES and not eval_names & train_names and "mme" not in train_names
+    digest = {}
+
+    def key(path: Path, question: str) -> tuple[str, str]:
+        if path not in digest:
+            digest[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return digest[path], question
+
+    seen = {key(suite / "images" / r["image"], _qa(r)[0]) for r in train}
+    train_questions = {question for _, question in seen}
+    examples = [e for task in read_task_dir(suite / "eval").values() for e in task] + read_mme(suite / "mme")
+    for example in examples:
+        assert example.prompt not in train_questions
+        assert key(example.image, example.prompt) not in seen
+
+
+def test_eval_files_read_and_score(suite, manifest):
+    tasks = read_task_dir(suite / "eval")
+    assert set(tasks) == EVAL_NAMES
+    counts = {entry["name"]: entry["count"] for entry in manifest["eval_tasks"]}
+    for task, examples in tasks.items():
+        assert len(examples) == counts[task] >= SIZES["eval_per_task"]
+        kind = spec_for(task).kind
+        targets = [e.target for e in examples]
+        perfect = [t if isinstance(t, str) else t[0] for t in targets]
+        labels = sorted(set(targets)) if kind == "label" else None
+        assert score_task(kind, perfect, targets, labels=labels)["accuracy"] == 1.0, task
+        if kind != "vqa":
+            wrong = ["xyzzy"] * len(targets)
+            assert score_task(kind, wrong, targets, labels=labels)["accuracy"] < 1.0
+    assert Counter(e.target for e in tasks["pope_random"]) == {"yes": 6, "no": 6}
+    mme = read_mme(suite / "mme")
+    answers: dict[tuple[str, str], list[str]] = {}
+    for example in mme:
+        answers.setdefault((example.meta["subtask"], example.meta["image_id"]), []).append(str(example.target))
+    assert all(sorted(given) == ["No", "Yes"] for given in answers.values())
+    assert len(answers) == len(manifest["mme"]["subtasks"]) * SIZES["mme_images_per_subtask"]
+    rows = [MMERow(e.meta["subtask"], e.meta["image_id"], e.prompt, str(e.target), str(e.target)) for e in mme]
+    scored = score_mme(rows, strict=False)
+    assert all(s["score"] == 200 for s in scored["subtasks"].values())
+    assert {"existence", "count", "position", "color", "OCR"} <= set(scored["subtasks"])
+
+
+def _one(pattern: str, text: str) -> str:
+    found = re.findall(rf"\b({pattern})s?\b", text)
+    assert len(set(found)) == 1, (pattern, text)
+    return found[0]
+
+
+def test_training_answers_follow_from_the_scene(train, scenes):
+    checked = Counter()
+    for record in train:
+        task, image = record["task_name"], "images/" + record["image"]
+        scene, (question, answer) = scenes[image], _qa(record)
+        shapes = {(i.colour, i.label): i for i in scene.items if i.kind == "shape"}
+        if task in ("count_objects_digit", "noisy_count"):
+            assert answer == str(len(scene.items))
+        elif task in ("exists_yes_no", "exists_true_false"):
+            present = (_one(COLOUR, question), _one(SHAPE, question)) in shapes
+            assert answer == {True: "yes", False: "no"}[present] if task == "exists_yes_no" else str(present).lower()
+        elif task in ("colour_of_shape", "noisy_colour"):
+            assert [i.colour for i in scene.items if i.label == _one(SHAPE, question)] == [answer]
+        elif task == "position_of_object":
+            assert scene.position(shapes[(_one(COLOUR, question), _one(SHAPE, question))]) == answer
+        elif task in ("colour_at_position", "letter_at_position"):
+            item = scene.at(_one("|".join(positions(scene.grid)), question))
+            assert (item.colour if task == "colour_at_position" else item.label) == answer
+        elif task == "spatial_relation":
+            pattern = rf"the ({COLOUR}) ({SHAPE}) (?:located |is )?(.+?) the ({COLOUR}) ({SHAPE})\?"
+            c1, s1, relation, c2, s2 = re.search(pattern, question).groups()
+            a, b = shapes[(c1, s1)], shapes[(c2, s2)]
+            truth = {"to the left of": a.col < b.col, "to the right of": a.col > b.col, "above": a.row < b.row,
+                     "below": a.row > b.row}[relation]
+            assert answer == ("yes" if truth else "no")
+        elif task == "count_colour":
+            assert answer == str(sum(i.colour == _one(COLOUR, question) for i in scene.items))
+        elif task == "majority_colour":
+            (top, n), *rest = Counter(i.colour for i in scene.items).most_common()
+            assert answer == top and all(m < n for _, m in rest)
+        elif task == "digit_sum":
+            assert answer == str(sum(int(i.label) for i in scene.items))
+        elif task in ("read_word", "spell_word"):
+            assert answer.replace(" ", "") == "".join(i.label for i in scene.ordered())
+        elif task == "shape_corners":
+            assert [str(CORNERS[i.label]) for i in scene.items if i.colour == _one(COLOUR, question)] == [answer]
+        elif task == "style_classify":
+            assert answer == scene.style
+        elif task == "describe_scene":
+            assert answer == scene.describe() and answer.count(" . ") == len(scene.items)
+        else:
+            continue
+        checked[task] += 1
+    assert len(checked) >= 15
+
+
+def test_eval_answers_follow_from_the_scene(suite, scenes):
+    for task, examples in read_task_dir(suite / "eval").items():
+        for e in examples:
+            scene = scenes[e.image.relative_to(suite.resolve()).as_posix()]
+            shapes = {(i.colour, i.label) for i in scene.items if i.kind == "shape"}
+            if task.startswith("pope"):
+                colour, shape = re.search(rf"a ({COLOUR}) ({SHAPE}) in", e.prompt).groups()
+                assert e.target == ("yes" if (colour, shape) in shapes else "no")
+            elif task == "mnist":
+                assert e.target == scene.items[0].label and len(scene.items) == 1
+            elif task == "text_vqa":
+                assert e.target[0] == "".join(i.label for i in scene.ordered())
+            elif task == "cifar100":
+                item = scene.items[0]
+                assert e.target == f"{item.colour} {scene.style} {item.label}"
+            elif task == "cifar10":
+                item = scene.items[0]
+                assert e.target == (f"{item.size} {item.label}" if item.kind == "shape" else item.kind)
+            elif task == "snli_ve" and "There is a " in e.prompt:
+                colour, shape = re.search(rf"There is a ({COLOUR}) ({SHAPE})\.", e.prompt).groups()
+                assert e.target == ("entailment" if (colour, shape) in shapes else "contradiction")
+    for e in read_mme(suite / "mme"):
+        scene = scenes[e.image.relative_to(suite.resolve()).as_posix()]
+        if e.meta["subtask"] == "existence":
+            colour, shape = re.search(rf"a ({COLOUR}) ({SHAPE}) in", e.prompt).groups()
+            assert e.target == ("Yes" if any((i.colour, i.label) == (colour, shape) for i in scene.items) else "No")
+        elif e.meta["subtask"] == "numerical_calculation":
+            total = int(re.search(r"equal to (\d+)\?", e.prompt).group(1))
+            assert e.target == ("Yes" if total == sum(int(i.label) for i in scene.items) else "No")
+
+
+def test_images_show_their_scene(suite, scenes):
+    checked = 0
+    for path, scene in scenes.items():
+        image = np.asarray(Image.open(suite / path))
+        assert image.shape == (scene.grid * 16, scene.grid * 16, 3)
+        if scene.style != "filled":
+            continue
+        for item in scene.items:
+            if item.kind == "shape":
+                s = SIZE_PX[item.size]
+                x = item.col * 16 + (16 - s) // 2 + item.dx + s // 2
+                y = item.row * 16 + (16 - s) // 2 + item.dy + s // 2
+                assert tuple(image[y, x]) == tuple(item.rgb), (path, item)
+                checked += 1
+    assert checked > 100
+
+
+def test_heldout_digits_only_in_mnist(scenes, manifest):
+    for path, scene in scenes.items():
+        for item in scene.items:
+            if item.digit_index is not None:
+                assert (item.digit_index >= DIGITS_HELDOUT_START) == path.startswith("eval/images/mnist/"), path
+    used = manifest["digits"]["indices_used"]
+    assert all(i >= DIGITS_HELDOUT_START for i in used["eval/mnist"])
+    assert all(i < DIGITS_HELDOUT_START for part, ids in used.items() if part != "eval/mnist" for i in ids)
+    assert {"train", "pretrain"} <= set(used)
+
+
+def test_manifest_counts_and_chance(suite, manifest, train):
+    counts = Counter(record["task_name"] for record in train)
+    for entry in manifest["train_tasks"]:
+        assert 0 < entry["chance"] <= 1 and entry["count"] == counts[entry["name"]]
+        if entry["answers"] is not None:
+            assert entry["chance"] == pytest.approx(1 / len(entry["answers"]))
+            assert {_qa(r)[1] for r in train if r["task_name"] == entry["name"]} <= set(entry["answers"])
+    assert all(0 < entry["chance"] <= 1 for entry in manifest["eval_tasks"])
+    assert all(0 < chance <= 1 for chance in manifest["pretrain"]["eval_chance"].values())
+    assert sorted(name for names in manifest["categories"].values() for name in names) == sorted(counts)
+    readme = (suite / "README.md").read_text()
+    assert manifest["command"] in readme and all(task.name in readme for task in TASKS)
+
+
+def test_pretrain_records_are_dense_and_eval_is_per_skill(suite, manifest):
+    records = json.loads((suite / "pretrain.json").read_text())
+    assert len(records) == SIZES["pretrain_images"]
+    for record in records:
+        turns = record["conversations"]
+        questions = [t["value"] for t in turns[0::2]]
+        described = questions[-1] == "describe the image ."
+        assert 1 <= len(questions) - described <= 6 and len(set(questions)) == len(questions)
+    assert any(r["conversations"][-2]["value"] == "describe the image ." for r in records)
+    held_out = json.loads((suite / "pretrain_eval.json").read_text())
+    skills = Counter(r["task_name"] for r in held_out)
+    assert set(skills) == set(manifest["pretrain"]["skills"]) and set(skills.values()) == {3}
+    assert all(len(r["conversations"]) == 2 and len(r["conversations"][1]["value"].split()) <= 2 for r in held_out)
+    pretrain_images = {r["image"] for r in records}
+    assert not pretrain_images & {r["image"] for r in held_out}
+
+
+def test_grid3_and_bitmap_font(tmp_path):
+    manifest = write_suite(tmp_path / "g3", 0, grid=3, train_per_task=2, eval_per_task=2, mme_images_per_subtask=1,
+                           pretrain_images=5, pretrain_eval_per_skill=1, font="bitmap")
+    assert manifest["image"]["size"] == 48 and manifest["image"]["font"] == "bitmap"
+    assert len(manifest["image"]["positions"]) == 9
+    scene = Sampler(random.Random(0), 2).letters("AW", in_order=True)
+    for font in ("bitmap", "freetype"):
+        pixels = np.asarray(render(scene, font))
+        assert pixels[:16, :16].max() > 150 and pixels[:16, 16:].max() > 150
+    assert set(STYLES) == {"filled", "outline", "striped", "noisy"}
