@@ -310,7 +310,7 @@ def test_pretrain_records_are_dense_and_eval_is_per_skill(suite, manifest):
         turns = record["conversations"]
         questions = [t["value"] for t in turns[0::2]]
         described = questions[-1] == "describe the image ."
-        assert 1 <= len(questions) - described <= 6 and len(set(questions)) == len(questions)
+        assert len(questions) - described in range(1, 7) and len(set(questions)) == len(questions)
     assert any(r["conversations"][-2]["value"] == "describe the image ." for r in records)
     held_out = json.loads((suite / "pretrain_eval.json").read_text())
     skills = Counter(r["task_name"] for r in held_out)
