@@ -48,3 +48,11 @@ def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monk
     key = base_module.content_hash(suite, config)
     (suite / "pretrain.json").write_text((suite / "pretrain.json").read_text().replace("red", "crimson"))
     assert base_module.content_hash(suite, config) != key  # changed content: a new key, trained anew
+
+
+def test_pretrain_base_command(suite, tmp_path, capsys):
+    from cmlora.cli import main
+
+    main(["pretrain-base", "--suite", str(suite), "--out", str(tmp_path / "base"), "--steps", "3"])
+    out = capsys.readouterr().out
+    assert "held-out accuracy: colour" in out and (tmp_path / "base" / "base_eval.json").exists()

@@ -3,8 +3,10 @@
     cmlora train --config configs/tiny.yaml [--key value ...] [--resume]
     cmlora tiny-model --out runs/tiny-llava
     cmlora synth --out suite [--seed 0] [--grid 2] [--train-per-task 300] ...
+    cmlora pretrain-base --suite suite --out base [--steps N] [--seed S]
     cmlora eval --run RUN_DIR | --base MODEL [--adapter DIR]  --mme DIR --tasks DIR [--only text_vqa,pope]
     cmlora compare RUN_A RUN_B ...
+    cmlora interference --run RUN_DIR | --base MODEL (--adapter DIR | --fresh lora) --data train.json --tasks a,b
     cmlora routes --run RUN_DIR | --base MODEL (--adapter DIR | --fresh mixlora)  --data train.json [--unseen eval.json]
 """
 
@@ -79,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
                           ("--pretrain-eval-per-skill", 100)):
         synth_parser.add_argument(flag, type=int, default=default, help=f"default {default}")
     synth_parser.add_argument("--font", default="auto", choices=["auto", "freetype", "bitmap"])
+    base_parser = commands.add_parser("pretrain-base", help="train the tiny base on a suite (cached by content)")
+    base_parser.add_argument("--suite", required=True, help="a folder written by cmlora synth")
+    base_parser.add_argument("--out", required=True, help="folder to copy the trained base to")
+    base_parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    base_parser.add_argument("--seed", type=int, default=0)
+    base_parser.add_argument("--no-cache", action="store_true", help="train even if the cache holds this base")
     eval_parser = commands.add_parser("eval", help="zero-shot evaluation: MME and the <task>.jsonl datasets")
     add_model_source(eval_parser)
     eval_parser.add_argument("--mme", help="MME folder (official release layout or <subtask>.jsonl files)")
@@ -141,6 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         manifest = write_suite(args.out, args.seed, **options)
         print(f"[cmlora] suite written to {args.out}: {manifest['train_records']} training records, "
               f"{len(manifest['train_tasks'])} tasks, {len(manifest['eval_tasks'])} eval files, MME in {args.out}/mme")
+    if args.command == "pretrain-base":
+        import json
+
+        from .synth.base import PretrainConfig, pretrain_base
+
+        config = PretrainConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+        out = pretrain_base(args.suite, args.out, config, use_cache=not args.no_cache)
+        skills = json.loads((out / "base_eval.json").read_text())["skills"]
+        print(f"[cmlora] base written to {out}; held-out accuracy: "
+              + ", ".join(f"{name} {value['accuracy']:.3f}" for name, value in skills.items()))
     if args.command == "eval":
         from .evaluation.cli import run_eval
 
