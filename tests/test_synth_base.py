@@ -26,11 +26,12 @@ def suite(tmp_path, monkeypatch):
     return root
 
 
-def test_plain_template_is_vicuna_without_the_system_prompt():
-    turns = [Turn("user", "<image>\nWhat colour?"), Turn("assistant", "red")]
-    vicuna, plain = TEMPLATES["vicuna_v1"](turns), TEMPLATES["plain"](turns)
-    assert vicuna.text.endswith(plain.text) and plain.text.startswith("USER: ")
-    assert plain.text[plain.answer_spans[0][0]:plain.answer_spans[0][1]] == "red</s>"
+def test_plain_template_has_no_system_prompt_and_no_roles():
+    turns = [Turn("user", "<image>\nWhat colour?"), Turn("assistant", "red"), Turn("user", "Shape?"),
+             Turn("assistant", "a square")]
+    plain = TEMPLATES["plain"](turns)
+    assert plain.text == "<image>\nWhat colour? red</s>Shape? a square</s>"
+    assert [plain.text[a:b] for a, b in plain.answer_spans] == ["red</s>", "a square</s>"]
 
 
 def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monkeypatch):

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from .. import __version__, vlm
 from ..data import InstructionCollator, InstructionDataset, generation_prompt, load_image, load_records
 
+# Part of the cache key: bump it whenever the recipe's code changes what a base learns (template, loop, eval).
+RECIPE_VERSION = 2
 BASE_SPEC = vlm.TinySpec(image_size=32, patch_size=16, vision_hidden=96, vision_layers=2, vision_heads=4,
                          vision_intermediate=384, text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2,
                          intermediate=384, vocab_size=1024, vision_feature_layer=-1)
@@ -58,7 +60,7 @@ def content_hash(suite: Path, config: PretrainConfig) -> str:
         digest.update(name.encode())
         digest.update((suite / name).read_bytes())
     digest.update(json.dumps(asdict(config), sort_keys=True, default=str).encode())
-    digest.update(__version__.encode())
+    digest.update(f"{__version__}/{RECIPE_VERSION}".encode())
     return digest.hexdigest()[:16]
 
 
