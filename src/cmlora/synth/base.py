@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__, vlm
-from ..data import InstructionCollator, InstructionDataset, generation_prompt, load_image, load_records
+from ..data import InstructionCollator, InstructionDataset, load_records
+from ..data.records import IMAGE_MARKER
 
 # Part of the cache key: bump it whenever the recipe's code changes what a base learns (template, loop, eval).
 RECIPE_VERSION = 2
@@ -122,24 +123,25 @@ def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 
 @torch.no_grad()
 def evaluate_base(model: Any, processor: Any, eval_file: Path, image_folder: Path,
                   batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """Held-out accuracy per skill (task_name): greedy answer == target after lowercasing and stripping."""
+    """Held-out accuracy per skill (task_name): greedy answer == target after lowercasing and stripping.
+
+    Answers come from the evaluation's batched generation (left padding, new tokens only), prompted in the
+    pretraining template.
+    """
+    from ..evaluation.generate import GenerationSettings, batches, generate_answers
+    from ..evaluation.inputs import EvalExample
+    from ..evaluation.tasks import TaskSpec
+
     records, _ = load_records(eval_file, image_folder)
-    tokenizer = processor.tokenizer
+    examples = [EvalExample(uid=r.id, task=r.task_name or "unknown", image=r.image,
+                            prompt=r.conversations[0].text.replace(IMAGE_MARKER, "").strip(),
+                            target=r.conversations[1].text, source=r.source) for r in records]
+    spec, settings = TaskSpec("vqa", max_new_tokens=8), GenerationSettings(template="plain")
     model.eval()
     correct: dict[str, list[int]] = {}
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        prompts = [generation_prompt(r.conversations[:1], processor, "plain") for r in chunk]
-        tokenizer.padding_side = "left"
-        inputs = processor(images=[load_image(r.image) for r in chunk], text=prompts, padding=True,
-                           return_tensors="pt")
-        tokenizer.padding_side = "right"
-        output = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for record, answer in zip(chunk, answers, strict=True):
-            target = record.conversations[1].text
-            correct.setdefault(record.task_name or "unknown", []).append(
-                int(answer.strip().lower() == target.strip().lower()))
+    for chunk in batches(examples, batch_size):
+        for example, answer in zip(chunk, generate_answers(model, processor, chunk, spec, settings), strict=True):
+            correct.setdefault(example.task, []).append(int(answer.lower() == str(example.target).strip().lower()))
     return {skill: {"accuracy": sum(v) / len(v), "count": len(v)} for skill, v in sorted(correct.items())}
 
 
