@@ -175,3 +175,24 @@ def test_mixed_batch_runs_through_llava_with_each_image_on_its_row(tiny, records
         alone.pop("mixlora_task_ids")
         length = len(item["input_ids"])
         torch.testing.assert_close(output.logits[row, :length], model(**alone).logits[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1"])
+def test_a_generation_prompt_is_exactly_what_precedes_the_first_learned_token(tmp_path, template):
+    """The tokenizer knows " red" but not " zq": " zq" starts with a lone " " token, which must be learned, since
+    generation_prompt stops before the space (a model prompted with "... ? " would never see " red" follow)."""
+    from cmlora.data import generation_prompt
+
+    vlm.tiny(tmp_path / "m", corpus=["what colour is it ? red"] * 50)
+    _, processor = vlm.load(tmp_path / "m")
+    tokenizer = processor.tokenizer
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" zq", add_special_tokens=False).input_ids)[0] == "Ġ"
+    for answer in ("red", "zq"):
+        question = [Turn("user", "what colour is it ?")]
+        record = Record("r", [*question, Turn("assistant", answer)], None, None, "test")
+        item = InstructionDataset([record], processor, template=template)[0]
+        first_learned = int((item["labels"] != -100).nonzero()[0])
+        prompt_ids = tokenizer(generation_prompt(question, processor, template)).input_ids
+        assert item["input_ids"][:first_learned].tolist() == prompt_ids, answer
+        assert tokenizer.decode(item["labels"][first_learned:][item["labels"][first_learned:] != -100]).strip() \
+            == f"{answer}</s>"

@@ -35,7 +35,7 @@ from cmlora.synth.scenes import (
 from cmlora.synth.train_tasks import CATEGORIES, CORNERS, TASKS
 
 SIZES = {"train_per_task": 12, "eval_per_task": 12, "mme_images_per_subtask": 4, "pretrain_images": 40,
-         "pretrain_eval_per_skill": 3}
+         "pretrain_eval_per_skill": 3, "train_eval_per_task": 5}
 EVAL_NAMES = {"text_vqa", "vsr", "snli_ve", "cifar10", "cifar100", "mnist", "pope_random", "pope_popular",
               "pope_adversarial"}
 SHAPE = "|".join(SHAPES)
@@ -70,6 +70,11 @@ def scenes(suite) -> dict[str, Scene]:
 @pytest.fixture(scope="module")
 def train(suite) -> list[dict]:
     return json.loads((suite / "train.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def train_eval(suite) -> list[dict]:
+    return json.loads((suite / "train_eval.json").read_text())
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -184,9 +189,18 @@ def _one(pattern: str, text: str) -> str:
     return found[0]
 
 
-def test_training_answers_follow_from_the_scene(train, scenes):
+def test_heldout_training_records_are_new_images_of_the_same_tasks(suite, manifest, train, train_eval):
+    records, _ = load_records(suite / "train_eval.json", suite / "images")
+    assert len(records) == manifest["train_eval_records"] == len(TASKS) * SIZES["train_eval_per_task"]
+    assert Counter(r.task_name for r in records) == {task.name: SIZES["train_eval_per_task"] for task in TASKS}
+    assert not {r["image"] for r in train} & {r["image"] for r in train_eval}
+    assert not {r["id"] for r in train} & {r["id"] for r in train_eval}
+    assert all(r["image"].startswith("train_eval/") and len(r["conversations"]) == 2 for r in train_eval)
+
+
+def test_training_answers_follow_from_the_scene(train, train_eval, scenes):
     checked = Counter()
-    for record in train:
+    for record in train + train_eval:
         task, image = record["task_name"], "images/" + record["image"]
         scene, (question, answer) = scenes[image], _qa(record)
         shapes = {(i.colour, i.label): i for i in scene.items if i.kind == "shape"}

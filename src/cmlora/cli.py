@@ -78,19 +78,27 @@ def main(argv: list[str] | None = None) -> int:
     synth_parser.add_argument("--seed", type=int, default=0)
     for flag, default in (("--grid", 2), ("--train-per-task", 300), ("--eval-per-task", 100),
                           ("--mme-images-per-subtask", 30), ("--pretrain-images", 20000),
-                          ("--pretrain-eval-per-skill", 100)):
+                          ("--pretrain-eval-per-skill", 100), ("--train-eval-per-task", 30)):
         synth_parser.add_argument(flag, type=int, default=default, help=f"default {default}")
     synth_parser.add_argument("--font", default="auto", choices=["auto", "freetype", "bitmap"])
     base_parser = commands.add_parser("pretrain-base", help="train the tiny base on a suite (cached by content)")
     base_parser.add_argument("--suite", required=True, help="a folder written by cmlora synth")
     base_parser.add_argument("--out", required=True, help="folder to copy the trained base to")
-    base_parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    base_parser.add_argument("--steps", type=int, default=None,
+                             help="stage 1 optimizer steps (default: the recipe's)")
+    base_parser.add_argument("--vision-steps", type=int, default=None,
+                             help="stage 0 (vision tower) optimizer steps (default: the recipe's)")
     base_parser.add_argument("--seed", type=int, default=0)
     base_parser.add_argument("--no-cache", action="store_true", help="train even if the cache holds this base")
     eval_parser = commands.add_parser("eval", help="zero-shot evaluation: MME and the <task>.jsonl datasets")
     add_model_source(eval_parser)
     eval_parser.add_argument("--mme", help="MME folder (official release layout or <subtask>.jsonl files)")
     eval_parser.add_argument("--tasks", help="folder of <task>.jsonl files {unique_id, image_path, prompt, target}")
+    eval_parser.add_argument("--heldout", help="Vision-Flan-format file of held-out single-question records of the "
+                             "training tasks (e.g. suite/train_eval.json): exact-match accuracy per task")
+    eval_parser.add_argument("--heldout-images", help="image folder of --heldout (default: the file's folder)")
+    eval_parser.add_argument("--blank-images", action="store_true",
+                             help="text-only baseline: replace every image by a black one of its size")
     eval_parser.add_argument("--only", help="comma-separated task names (mme, text_vqa, pope, ...)")
     eval_parser.add_argument("--out", help="output folder (default: RUN/eval, or ./eval)")
     eval_parser.add_argument("--batch-size", type=int, default=8)
@@ -153,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         from .synth.base import PretrainConfig, pretrain_base
+        from .synth.vision import VisionPretrainConfig
 
-        config = PretrainConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+        vision = VisionPretrainConfig(seed=args.seed, **({"steps": args.vision_steps} if args.vision_steps else {}))
+        config = PretrainConfig(seed=args.seed, vision=vision, **({"steps": args.steps} if args.steps else {}))
         out = pretrain_base(args.suite, args.out, config, use_cache=not args.no_cache)
         skills = json.loads((out / "base_eval.json").read_text())["skills"]
         print(f"[cmlora] base written to {out}; held-out accuracy: "

@@ -12,6 +12,7 @@ skip_bad_records removes bad records and returns a SkipReport of what it removed
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
@@ -102,7 +103,7 @@ class InstructionDataset(Dataset):
         except NotImplementedError as error:  # slow tokenizers have no offset mapping
             raise TypeError("InstructionDataset needs a fast tokenizer (return_offsets_mapping).") from error
         input_ids = encoded["input_ids"][0]
-        spans = self._expanded_answer_spans(rendered, input_ids)
+        spans = self._expanded_answer_spans(with_separator_spaces(rendered), input_ids)
         labels = answer_labels(input_ids, encoded["offset_mapping"][0], spans)
         full_shape = encoded["input_ids"].shape
         input_ids, labels = self._truncate(record, input_ids, labels)
@@ -190,6 +191,21 @@ class InstructionDataset(Dataset):
                 raise record_error(record.source, record.id, "conversations", f"max_length {self.max_length} "
                                    "cuts into (or off) the image tokens; raise max_length", "image truncated")
         return input_ids[: self.max_length], labels[: self.max_length]
+
+
+def with_separator_spaces(rendered: RenderedConversation) -> RenderedConversation:
+    """The conversation with each answer span widened over the spaces right before it.
+
+    `generation_prompt` prompts a model up to the last non-space character before an answer, so whatever token
+    carries that space must be learned: usually it is the answer's first token (" red"), but a vocabulary without
+    " no" splits it into a lone " " and "no", and an unlearned " " leaves the model to guess the token after "?".
+    """
+    spans = []
+    for start, end in rendered.answer_spans:
+        while start > 0 and rendered.text[start - 1] == " ":
+            start -= 1
+        spans.append((start, end))
+    return dataclasses.replace(rendered, answer_spans=spans)
 
 
 def answer_labels(input_ids: torch.Tensor, offsets: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:

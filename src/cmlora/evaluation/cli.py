@@ -42,16 +42,21 @@ def _model_id(name: Path, weights: list[Path]) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> dict:
-    if not args.mme and not args.tasks:
-        raise SystemExit("cmlora eval: give --mme, --tasks or both")
+    if not args.mme and not args.tasks and not args.heldout:
+        raise SystemExit("cmlora eval: give --mme, --tasks, --heldout or several")
     model, processor, template, model_id, default_out = load_for_eval(args)
     settings = GenerationSettings(batch_size=args.batch_size, do_sample=args.sample, temperature=args.temperature,
-                                  top_p=args.top_p, seed=args.seed, template=template)
+                                  top_p=args.top_p, seed=args.seed, template=template,
+                                  blank_images=args.blank_images)
     only = [name.strip() for name in args.only.split(",")] if args.only else None
     out = Path(args.out) if args.out else default_out
     scores = evaluate(model, processor, out, mme_dir=Path(args.mme) if args.mme else None,
                       tasks_dir=Path(args.tasks) if args.tasks else None, only=only, settings=settings,
-                      model_id=model_id, overwrite=args.overwrite)
+                      model_id=model_id, overwrite=args.overwrite, heldout=args.heldout,
+                      heldout_images=args.heldout_images)
     print((out / "table.md").read_text(), end="")
+    if "heldout" in scores:
+        print("held-out training tasks (exact match): " + ", ".join(
+            f"{task} {value['accuracy']:.3f}" for task, value in scores["heldout"].items()))
     print(f"[cmlora] scores written to {out / 'scores.json'}")
     return scores

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,11 +42,15 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int = 0
     template: str = "vicuna_v1"
+    # The text-only baseline: each image replaced by a black one of its size (same image tokens, no content).
+    blank_images: bool = False
 
     def for_header(self) -> dict[str, Any]:
         """What determines the answers (the batch size does not)."""
         values = asdict(self)
         values.pop("batch_size")
+        if not self.blank_images:
+            values.pop("blank_images")  # so files written before the option existed stay valid
         if not self.do_sample:
             for key in ("temperature", "top_p", "seed"):
                 values.pop(key)
@@ -121,6 +126,8 @@ def generate_answers(model: nn.Module, processor: Any, examples: Sequence[EvalEx
     tokenizer = getattr(processor, "tokenizer", processor)
     texts = [prompt_text(example, spec, processor, settings.template) for example in examples]
     images = [load_image(example.image) for example in examples]
+    if settings.blank_images:
+        images = [Image.new("RGB", image.size) for image in images]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

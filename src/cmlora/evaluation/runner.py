@@ -2,6 +2,7 @@
 
     evaluate(model, processor, out_dir, mme_dir=..., tasks_dir=...)   ->  out_dir/
         predictions/<task>.jsonl      answers, written as produced (resumable)
+        predictions/heldout.jsonl     answers to held-out records of the training tasks (heldout=...)
         mme_results/<subtask>.txt     MME's official results layout, for rescoring with the official tool
         scores.json                   every score; table.md the paper's table
 
@@ -19,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from .generate import GenerationSettings, predict
+from .heldout import evaluate_heldout
 from .inputs import read_mme, read_task_dir
 from .mme import PERCEPTION, MMERow, score_mme, write_official_results
 from .scoring import score_task
@@ -83,10 +85,14 @@ def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
 
 def evaluate(model: nn.Module, processor: Any, out_dir: Path, *, mme_dir: Path | None = None,
              tasks_dir: Path | None = None, only: Sequence[str] | None = None,
-             settings: GenerationSettings | None = None, model_id: str = "", overwrite: bool = False) -> dict:
-    """Generate and score; writes predictions, MME's official layout, scores.json and table.md under out_dir."""
-    if mme_dir is None and tasks_dir is None:
-        raise ValueError("evaluate: give mme_dir, tasks_dir or both")
+             settings: GenerationSettings | None = None, model_id: str = "", overwrite: bool = False,
+             heldout: Path | None = None, heldout_images: Path | None = None) -> dict:
+    """Generate and score; writes predictions, MME's official layout, scores.json and table.md under out_dir.
+
+    `heldout`: a Vision-Flan-format file of single-question records of the training tasks; their exact-match
+    accuracy per task goes to scores.json["heldout"] (not into the paper's table)."""
+    if mme_dir is None and tasks_dir is None and heldout is None:
+        raise ValueError("evaluate: give mme_dir, tasks_dir or heldout")
     settings = settings or GenerationSettings()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +103,9 @@ def evaluate(model: nn.Module, processor: Any, out_dir: Path, *, mme_dir: Path |
         model, processor, Path(tasks_dir), out_dir, settings, model_id, task_only, overwrite)
     scores = {"model": model_id, "generation": settings.for_header(), "mme": mme, "tasks": tasks,
               "summary": summarize(mme, tasks)}
+    if heldout is not None:
+        scores["heldout"] = evaluate_heldout(model, processor, Path(heldout), out_dir / "predictions" / "heldout.jsonl",
+                                             settings, model_id, heldout_images, overwrite)
     (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     (out_dir / "table.md").write_text(markdown_table({out_dir.parent.name or "run": scores["summary"]}))
     return scores

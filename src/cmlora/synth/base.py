@@ -1,12 +1,16 @@
 """The tiny pretrained base: a from-scratch LLaVA taught to link what it sees to words (LLaVA's stage 1 role).
 
-`pretrain_base(suite_dir, out_dir)` builds a tiny LLaVA whose tokenizer is trained on the suite's texts, trains
-every weight (vision tower, projector, language model) on the suite's `pretrain.json` (several question/answer
-pairs and a description per image, every answer supervised), measures held-out accuracy per skill on
-`pretrain_eval.json`, and saves the model in Hugging Face format with `base_eval.json` beside it. The recipe is
-the one two studies on a 2-core CPU found to work (shared/platform-notes.md): patch-aligned cells, dense
-supervision, AdamW lr 2e-3, betas (0.9, 0.98), weight decay 0.01, clipping 1.0, batch 32, 5 % warm-up, cosine
-decay to 5 %. Results are cached by a content hash of the suite's files, the recipe and the code version.
+`pretrain_base(suite_dir, out_dir)` builds a tiny LLaVA whose tokenizer is trained on the suite's texts, then
+- stage 0 (`synth.vision`): pretrains the vision tower as a per-cell classifier on the scenes of the suite's
+  pretraining images (the role CLIP plays for LLaVA);
+- stage 1: freezes the tower and trains the projector and the language model on the suite's `pretrain.json`
+  (several question/answer pairs and a description per image, every answer supervised), with the recipe two
+  studies on a 2-core CPU found to work (shared/platform-notes.md): patch-aligned cells, dense supervision, AdamW
+  lr 2e-3, betas (0.9, 0.98), weight decay 0.01, clipping 1.0, batch 32, 5 % warm-up, cosine decay to 5 %.
+  Batches are drawn from length-sorted pools so that little of each step is padding;
+then measures held-out accuracy per skill on `pretrain_eval.json`, and saves the model in Hugging Face format
+with `base_eval.json` beside it. Results are cached by a content hash of the suite's files, the recipe and the
+code version.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from tqdm.auto import tqdm
 
 from .. import __version__, vlm
 from ..data import InstructionCollator, InstructionDataset, load_records
-from ..data.records import IMAGE_MARKER
+from .vision import VisionPretrainConfig, pretrain_vision
 
 # Part of the cache key: bump it whenever the recipe's code changes what a base learns (template, loop, eval).
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 BASE_SPEC = vlm.TinySpec(image_size=32, patch_size=16, vision_hidden=96, vision_layers=2, vision_heads=4,
                          vision_intermediate=384, text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2,
                          intermediate=384, vocab_size=1024, vision_feature_layer=-1)
@@ -37,7 +41,7 @@ BASE_SPEC = vlm.TinySpec(image_size=32, patch_size=16, vision_hidden=96, vision_
 
 @dataclass
 class PretrainConfig:
-    steps: int = 5000
+    steps: int = 3000  # stage 1
     batch_size: int = 32
     learning_rate: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.98)
@@ -49,6 +53,8 @@ class PretrainConfig:
     seed: int = 0
     eval_batch_size: int = 64
     spec: vlm.TinySpec = field(default_factory=lambda: BASE_SPEC)
+    vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)  # stage 0
+    freeze_vision: bool = True  # in stage 1, as LLaVA's stage 1 does
 
 
 def cache_dir() -> Path:
@@ -57,7 +63,7 @@ def cache_dir() -> Path:
 
 def content_hash(suite: Path, config: PretrainConfig) -> str:
     digest = hashlib.sha256()
-    for name in ("pretrain.json", "pretrain_eval.json", "manifest.json"):
+    for name in ("pretrain.json", "pretrain_eval.json", "manifest.json", "scenes.jsonl"):
         digest.update(name.encode())
         digest.update((suite / name).read_bytes())
     digest.update(json.dumps(asdict(config), sort_keys=True, default=str).encode())
@@ -73,6 +79,18 @@ def _lr_factor(step: int, total: int, warmup_ratio: float, final_ratio: float) -
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
+                           pool_batches: int = 64) -> list[list[int]]:
+    """One epoch of batches: a random permutation cut into pools of `pool_batches` batches, each pool sorted by
+    length and cut into batches, the batches shuffled. Batches stay random, and padding stays small."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = []
+    for start in range(0, len(order), batch_size * pool_batches):
+        pool = sorted(order[start:start + batch_size * pool_batches], key=lengths.__getitem__)
+        batches += [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def _corpus(suite: Path) -> list[str]:
     texts = []
     for name in ("pretrain.json", "train.json"):
@@ -84,65 +102,62 @@ def _corpus(suite: Path) -> list[str]:
 
 
 def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 200) -> dict[str, Any]:
-    """Build and train the base in `out`; returns training statistics."""
+    """Build and train the base in `out` (stage 0, then stage 1); returns training statistics."""
     torch.manual_seed(config.seed)
     vlm.tiny(out, config.spec, corpus=_corpus(suite))
     model, processor = vlm.load(out)
+    vision = pretrain_vision(model, processor.image_processor, suite, config.vision,
+                             lambda step, total: _lr_factor(step, total, config.warmup_ratio, config.final_lr_ratio))
+    tqdm.write(f"stage 0 (vision tower): {vision['seconds']} s, held-out {vision['held_out_accuracy']}")
+    if config.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
     records, _ = load_records(suite / "pretrain.json", suite / "images")
     dataset = InstructionDataset(records, processor, template="plain", max_length=config.max_length)
     items = [dataset[i] for i in tqdm(range(len(dataset)), desc="encoding", unit="rec")]
-    tokenizer = processor.tokenizer
-    collate = InstructionCollator(tokenizer.pad_token_id, task_ids_key=None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.betas,
+    lengths = [len(item["input_ids"]) for item in items]
+    collate = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=config.betas,
                                   weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    order: list[int] = []
+    queue: list[list[int]] = []
     model.train()
+    if config.freeze_vision:
+        model.model.vision_tower.eval()
     start, losses = time.time(), []
     for step in tqdm(range(config.steps), desc="pretraining", unit="step"):
-        if len(order) < config.batch_size:
-            order += torch.randperm(len(items), generator=generator).tolist()
-        batch = collate([items[i] for i in order[: config.batch_size]])
-        del order[: config.batch_size]
+        if not queue:
+            queue = length_grouped_batches(lengths, config.batch_size, generator)
+        batch = collate([items[i] for i in queue.pop()])
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * _lr_factor(step, config.steps, config.warmup_ratio,
                                                             config.final_lr_ratio)
         loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             tqdm.write(f"step {step + 1}: loss {sum(losses[-log_every:]) / log_every:.4f}")
     model.save_pretrained(out)
-    return {"steps": config.steps, "seconds": round(time.time() - start, 1), "final_loss": losses[-1],
-            "mean_loss_last_100": sum(losses[-100:]) / len(losses[-100:])}
+    return {"vision": vision, "steps": config.steps, "seconds": round(time.time() - start, 1),
+            "final_loss": losses[-1], "mean_loss_last_100": sum(losses[-100:]) / len(losses[-100:])}
 
 
 @torch.no_grad()
-def evaluate_base(model: Any, processor: Any, eval_file: Path, image_folder: Path,
+def evaluate_base(model: Any, processor: Any, eval_file: Path, image_folder: Path, out_path: Path,
                   batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """Held-out accuracy per skill (task_name): greedy answer == target after lowercasing and stripping.
+    """Held-out accuracy per skill (task_name): the greedy answer, prompted in the pretraining template, equals
+    the target after lower-casing and stripping. Predictions are written to `out_path`."""
+    from ..evaluation.generate import GenerationSettings
+    from ..evaluation.heldout import evaluate_heldout
 
-    Answers come from the evaluation's batched generation (left padding, new tokens only), prompted in the
-    pretraining template.
-    """
-    from ..evaluation.generate import GenerationSettings, batches, generate_answers
-    from ..evaluation.inputs import EvalExample
-    from ..evaluation.tasks import TaskSpec
-
-    records, _ = load_records(eval_file, image_folder)
-    examples = [EvalExample(uid=r.id, task=r.task_name or "unknown", image=r.image,
-                            prompt=r.conversations[0].text.replace(IMAGE_MARKER, "").strip(),
-                            target=r.conversations[1].text, source=r.source) for r in records]
-    spec, settings = TaskSpec("vqa", max_new_tokens=8), GenerationSettings(template="plain")
-    model.eval()
-    correct: dict[str, list[int]] = {}
-    for chunk in batches(examples, batch_size):
-        for example, answer in zip(chunk, generate_answers(model, processor, chunk, spec, settings), strict=True):
-            correct.setdefault(example.task, []).append(int(answer.lower() == str(example.target).strip().lower()))
-    return {skill: {"accuracy": sum(v) / len(v), "count": len(v)} for skill, v in sorted(correct.items())}
+    settings = GenerationSettings(batch_size=batch_size, template="plain")
+    return evaluate_heldout(model, processor, eval_file, out_path, settings, image_folder=image_folder,
+                            overwrite=True)
 
 
 def pretrain_base(suite_dir: str | Path, out_dir: str | Path, config: PretrainConfig | None = None,
@@ -158,7 +173,7 @@ def pretrain_base(suite_dir: str | Path, out_dir: str | Path, config: PretrainCo
         stats = train_base(suite, staging, config)
         model, processor = vlm.load(staging)
         skills = evaluate_base(model, processor, suite / "pretrain_eval.json", suite / "images",
-                               config.eval_batch_size)
+                               staging / "base_eval_predictions.jsonl", config.eval_batch_size)
         report = {"key": key, "training": stats, "skills": skills, "config": asdict(config)}
         (staging / "base_eval.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         shutil.rmtree(cached, ignore_errors=True)

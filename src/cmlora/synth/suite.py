@@ -2,6 +2,7 @@
 
     suite/
       train.json            Vision-Flan records of the training tasks (images relative to suite/images)
+      train_eval.json       held-out records of the same tasks (new images, same instructions and conventions)
       pretrain.json         stage-1 records for the base: one multi-turn conversation per image
       pretrain_eval.json    single-question held-out records per skill (task_name = the skill)
       eval/<task>.jsonl     the seven dataset analogues (POPE as pope_<split>.jsonl); images in eval/images
@@ -46,7 +47,8 @@ GENERATOR = "cmlora synth"
 FORMAT_VERSION = 1
 PRETRAIN_SKILLS = ("colour", "shape", "count", "position", "existence", "size", "style", "digit", "letter")
 DESCRIBE = "describe the image ."
-OUTPUTS = ("images", "eval", "mme", "train.json", "pretrain.json", "pretrain_eval.json", "scenes.jsonl",
+OUTPUTS = ("images", "eval", "mme", "train.json", "train_eval.json",
+           "pretrain.json", "pretrain_eval.json", "scenes.jsonl",
            "manifest.json", "README.md")
 
 
@@ -103,12 +105,16 @@ def _pools() -> dict[str, list[tt.TaskSpec]]:
     return pools
 
 
-def write_train(writer: Writer, seed: int, grid: int, per_task: int) -> tuple[list[dict], list[Scene]]:
+def write_train(writer: Writer, seed: int, grid: int, per_task: int,
+                part: str = "train") -> tuple[list[dict], list[Scene]]:
+    """Records of every training task; part "train" (train.json) or "train_eval" (held-out: other streams, other
+    images, the same instructions and conventions)."""
     records: dict[str, list[dict]] = {task.name: [] for task in tt.TASKS}
     scenes: list[Scene] = []
+    prefix = "" if part == "train" else f"{part}:"
     for pool, tasks in _pools().items():
-        sampler = Sampler(stream(seed, f"pool:{pool}"), grid, tt.MAX_ITEMS)
-        rngs = [stream(seed, f"task:{task.name}") for task in tasks]
+        sampler = Sampler(stream(seed, f"{prefix}pool:{pool}"), grid, tt.MAX_ITEMS)
+        rngs = [stream(seed, f"{prefix}task:{task.name}") for task in tasks]
         for index in range(per_task):
             for _attempt in range(1000):
                 scene = tt.SCENES[tasks[0].scene](sampler)
@@ -117,10 +123,11 @@ def write_train(writer: Writer, seed: int, grid: int, per_task: int) -> tuple[li
                     break
             else:
                 raise RuntimeError(f"pool {pool!r}: no scene answers all of its tasks in 1000 draws")
-            image = writer.save(scene, f"images/train/{pool}/{index:05d}.png")
+            image = writer.save(scene, f"images/{part}/{pool}/{index:05d}.png")
             scenes.append(scene)
             for task, (question, answer) in zip(tasks, asked, strict=True):
-                records[task.name].append(_record(f"{task.name}-{index:05d}", image[len("images/"):], task.name,
+                record_id = f"{task.name}-{index:05d}" if part == "train" else f"{part}-{task.name}-{index:05d}"
+                records[task.name].append(_record(record_id, image[len("images/"):], task.name,
                                                   [(question, answer)]))
     return [record for task in tt.TASKS for record in records[task.name]], scenes
 
@@ -289,20 +296,23 @@ def command(out: str, seed: int, sizes: dict[str, Any]) -> str:
 
 def write_suite(out: str | Path, seed: int = 0, *, grid: int = 2, train_per_task: int = 300, eval_per_task: int = 100,
                 mme_images_per_subtask: int = 30, pretrain_images: int = 20000, pretrain_eval_per_skill: int = 100,
-                font: str = "auto") -> dict[str, Any]:
+                train_eval_per_task: int = 30, font: str = "auto") -> dict[str, Any]:
     """Generate the suite in `out` (an empty folder, or one holding an earlier suite, which is replaced);
     returns the manifest. See the module docstring for the layout."""
     out = Path(out)
     positions(grid)  # validates the grid
     sizes = {"grid": grid, "train_per_task": train_per_task, "eval_per_task": eval_per_task,
              "mme_images_per_subtask": mme_images_per_subtask, "pretrain_images": pretrain_images,
-             "pretrain_eval_per_skill": pretrain_eval_per_skill}
-    if min(train_per_task, eval_per_task, mme_images_per_subtask, pretrain_eval_per_skill) < 1 or pretrain_images < 0:
+             "pretrain_eval_per_skill": pretrain_eval_per_skill, "train_eval_per_task": train_eval_per_task}
+    if min(train_per_task, eval_per_task, mme_images_per_subtask, pretrain_eval_per_skill, train_eval_per_task) < 1 \
+            or pretrain_images < 0:
         raise ValueError(f"sizes must be positive: {sizes}")
     _prepare(out)
     writer = Writer(out, font_kind(font))
     records, train_scenes = write_train(writer, seed, grid, train_per_task)
     _dump(out / "train.json", records)
+    held_out, _ = write_train(writer, seed, grid, train_eval_per_task, part="train_eval")
+    _dump(out / "train_eval.json", held_out)
     eval_summary = write_eval(writer, seed, grid, eval_per_task, ev.ObjectStats.of(train_scenes))
     mme_summary = write_mme(writer, seed, grid, mme_images_per_subtask)
     pretrain = write_pretrain(writer, seed, grid, pretrain_images, pretrain_eval_per_skill)
@@ -316,6 +326,7 @@ def write_suite(out: str | Path, seed: int = 0, *, grid: int = 2, train_per_task
         "categories": {category: [t.name for t in tt.TASKS if t.category == category] for category in tt.CATEGORIES},
         "train_tasks": [_train_entry(task, grid, records) for task in tt.TASKS],
         "train_records": len(records),
+        "train_eval_records": len(held_out),
         "eval_tasks": eval_summary,
         "mme": {"layout": "official release layout (b): mme/<subtask>/<name>.png + <name>.txt",
                 "subtasks": mme_summary},
@@ -360,6 +371,8 @@ def readme(m: dict[str, Any]) -> str:
         f"({image['font']} font); real handwritten digits from sklearn's load_digits. `scenes.jsonl` holds every "
         "image's content.", "",
         f"## Training tasks (`train.json`, {m['train_records']} records, Vision-Flan format)", "",
+        f"`train_eval.json` holds {m['train_eval_records']} held-out records of the same tasks (new images, the same "
+        "instructions and answer conventions), to check what instruction tuning learned.", "",
         "Images are relative to `images/`. Tasks sharing an image pool ask about the same pictures with different "
         "targets and answer conventions. Chance = accuracy of a uniform guess over the answer set; majority = "
         "accuracy of always giving this suite's most frequent answer.", "",
