@@ -2,9 +2,12 @@
 
 `pretrain_base(suite_dir, out_dir)` builds a tiny LLaVA whose tokenizer is trained on the suite's texts, then
 - stage 0 (`synth.vision`): pretrains the vision tower as a per-cell classifier on the scenes of the suite's
-  pretraining images (the role CLIP plays for LLaVA);
+  pretraining images (the role CLIP plays for LLaVA), then aligns the projector's output with the language
+  model's word embeddings for what each cell holds;
 - stage 1: freezes the tower and trains the projector and the language model on the suite's `pretrain.json`
-  (several question/answer pairs and a description per image, every answer supervised), with the recipe two
+  (several question/answer pairs and a description per image, every answer supervised), mixed with the text of
+  `language_corpus` (the suite's instructions, answers and evaluation prompts, each alone, every token learned:
+  the text pretraining an LLM has had), with the recipe two
   studies on a 2-core CPU found to work (shared/platform-notes.md): patch-aligned cells, dense supervision, AdamW
   lr 2e-3, betas (0.9, 0.98), weight decay 0.01, clipping 1.0, batch 32, 5 % warm-up, cosine decay to 5 %.
   Batches are drawn from length-sorted pools so that little of each step is padding;
@@ -33,7 +36,7 @@ from ..data import InstructionCollator, InstructionDataset, load_records
 from .vision import VisionPretrainConfig, pretrain_vision
 
 # Part of the cache key: bump it whenever the recipe's code changes what a base learns (template, loop, eval).
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 BASE_SPEC = vlm.TinySpec(image_size=32, patch_size=16, vision_hidden=96, vision_layers=2, vision_heads=4,
                          vision_intermediate=384, text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2,
                          intermediate=384, vocab_size=1024, vision_feature_layer=-1)
@@ -41,7 +44,7 @@ BASE_SPEC = vlm.TinySpec(image_size=32, patch_size=16, vision_hidden=96, vision_
 
 @dataclass
 class PretrainConfig:
-    steps: int = 3000  # stage 1
+    steps: int = 4000  # stage 1
     batch_size: int = 32
     learning_rate: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.98)
@@ -66,6 +69,7 @@ def content_hash(suite: Path, config: PretrainConfig) -> str:
     for name in ("pretrain.json", "pretrain_eval.json", "manifest.json", "scenes.jsonl"):
         digest.update(name.encode())
         digest.update((suite / name).read_bytes())
+    digest.update("\n".join(language_corpus(suite)).encode())
     digest.update(json.dumps(asdict(config), sort_keys=True, default=str).encode())
     digest.update(f"{__version__}/{RECIPE_VERSION}".encode())
     return digest.hexdigest()[:16]
@@ -91,14 +95,48 @@ def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def language_corpus(suite: Path) -> list[str]:
+    """The text a tiny language model must have read to take part in the study, in the role of an LLM's text
+    pretraining: every distinct instruction and every distinct answer of the training tasks (each on its own,
+    never a question with its answer), and every distinct prompt of the evaluation tasks as they are asked
+    (never their targets). Without it, LoRA cannot read the instructions: the embeddings of words that only
+    the tasks use stay at their random initialisation, and LoRA does not train embeddings."""
+    from ..data.records import IMAGE_MARKER
+    from ..evaluation.inputs import read_mme, read_task_dir
+    from ..evaluation.tasks import spec_for
+
+    texts: dict[str, None] = {}
+    path = suite / "train.json"
+    if path.exists():
+        for record in json.loads(path.read_text()):
+            for turn in record["conversations"]:
+                texts[turn["value"].replace(IMAGE_MARKER, "").strip()] = None
+    examples = []
+    if (suite / "eval").is_dir():
+        examples += [e for task in read_task_dir(suite / "eval").values() for e in task]
+    if (suite / "mme").is_dir():
+        examples += read_mme(suite / "mme")
+    for example in examples:
+        spec = spec_for("mme" if example.task == "mme" else example.task)
+        texts[f"{example.prompt} {spec.suffix}".strip() if spec.suffix else example.prompt] = None
+    return list(texts)
+
+
 def _corpus(suite: Path) -> list[str]:
-    texts = []
-    for name in ("pretrain.json", "train.json"):
-        path = suite / name
-        if path.exists():
-            for record in json.loads(path.read_text()):
-                texts += [turn["value"] for turn in record["conversations"]]
-    return texts
+    """Texts the tokenizer is trained on: the pretraining conversations and the language corpus."""
+    texts = [turn["value"] for record in json.loads((suite / "pretrain.json").read_text())
+             for turn in record["conversations"]]
+    return texts + language_corpus(suite)
+
+
+def text_items(texts: list[str], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """Text-only training items, every token learned (the end token too)."""
+    items = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids[: max_length - 1] + [tokenizer.eos_token_id]
+        input_ids = torch.tensor(ids)
+        items.append({"input_ids": input_ids, "labels": input_ids.clone(), "pixel_values": None})
+    return items
 
 
 def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 200) -> dict[str, Any]:
@@ -106,7 +144,7 @@ def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 
     torch.manual_seed(config.seed)
     vlm.tiny(out, config.spec, corpus=_corpus(suite))
     model, processor = vlm.load(out)
-    vision = pretrain_vision(model, processor.image_processor, suite, config.vision,
+    vision = pretrain_vision(model, processor, suite, config.vision,
                              lambda step, total: _lr_factor(step, total, config.warmup_ratio, config.final_lr_ratio))
     tqdm.write(f"stage 0 (vision tower): {vision['seconds']} s, held-out {vision['held_out_accuracy']}")
     if config.freeze_vision:
@@ -114,6 +152,7 @@ def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 
     records, _ = load_records(suite / "pretrain.json", suite / "images")
     dataset = InstructionDataset(records, processor, template="plain", max_length=config.max_length)
     items = [dataset[i] for i in tqdm(range(len(dataset)), desc="encoding", unit="rec")]
+    items += text_items(language_corpus(suite), processor.tokenizer, config.max_length)
     lengths = [len(item["input_ids"]) for item in items]
     collate = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None)
     parameters = [p for p in model.parameters() if p.requires_grad]

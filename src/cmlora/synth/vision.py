@@ -9,8 +9,9 @@ teaches the projector and the language model to talk about it.
 Every image of the suite comes with its scene (`scenes.jsonl`), and with the suite's patch-aligned grid each
 patch token of the tower sees exactly one cell. Linear heads on those patch tokens (the features LLaVA's projector
 receives: `vision_feature_layer`, without the CLS token) predict, per cell, its content (empty, one of the shapes,
-a digit, a letter), colour and size, and from the mean of the cells the image's style. The heads are thrown away;
-the tower is kept.
+a digit, a letter), colour, size and which cell it is (so that the features say where they are: the language
+model's rotary positions only tell how far back an image token lies, not which cell it holds), and from the mean
+of the cells the image's style. The heads are thrown away; the tower is kept.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .scenes import COLOURS, LETTERS, SHAPES, SIZES, STYLES
+from .scenes import COLOURS, LETTERS, SHAPES, SIZES, STYLES, positions
 
 CONTENTS = ("empty", *SHAPES, *(f"digit {d}" for d in range(10)), *(f"letter {c}" for c in LETTERS))
 IGNORE = -100
@@ -40,6 +41,8 @@ class VisionPretrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     seed: int = 0
+    align_steps: int = 500  # stage 0b: the projector, aligned with the language model's word embeddings (0: off)
+    align_scale: float = 4.0  # the logit of an output equal to a word's embedding (see align_projector)
 
 
 def content_index(item: dict[str, Any]) -> int:
@@ -49,7 +52,8 @@ def content_index(item: dict[str, Any]) -> int:
 
 
 def cell_labels(scenes: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Per-cell targets [images, cells] (content, colour, size; IGNORE where undefined) and style [images]."""
+    """Per-cell targets [images, cells] (content, colour, size: IGNORE where undefined; the cell's index) and
+    style [images]."""
     cells = scenes[0]["grid"] ** 2
     content = torch.zeros(len(scenes), cells, dtype=torch.long)
     colour = torch.full((len(scenes), cells), IGNORE)
@@ -64,7 +68,8 @@ def cell_labels(scenes: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             if item["kind"] == "shape":
                 size[row, cell] = SIZES.index(item["size"])
     style = torch.tensor([STYLES.index(scene["style"]) for scene in scenes])
-    return {"content": content, "colour": colour, "size": size, "style": style}
+    cell = torch.arange(cells).expand(len(scenes), cells)
+    return {"content": content, "colour": colour, "size": size, "cell": cell, "style": style}
 
 
 def load_part(suite: Path, folder: str, image_processor: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -102,8 +107,9 @@ def cell_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 class CellHeads(nn.Module):
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, cells: int) -> None:
         super().__init__()
+        self.cell = nn.Linear(width, cells)
         self.content = nn.Linear(width, len(CONTENTS))
         self.colour = nn.Linear(width, len(COLOURS))
         self.size = nn.Linear(width, len(SIZES))
@@ -111,7 +117,7 @@ class CellHeads(nn.Module):
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"content": self.content(features), "colour": self.colour(features), "size": self.size(features),
-                "style": self.style(features.mean(1))}
+                "cell": self.cell(features), "style": self.style(features.mean(1))}
 
 
 def _loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -122,7 +128,7 @@ def _loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> t
 @torch.no_grad()
 def accuracy(model: Any, heads: CellHeads, pixels: torch.Tensor,
              labels: dict[str, torch.Tensor], batch_size: int = 512) -> dict[str, float]:
-    """Held-out accuracy: content per kind of cell (empty, shape, digit, letter), colour, size, style."""
+    """Held-out accuracy: content per kind of cell (empty, shape, digit, letter), colour, size, cell, style."""
     logits: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(pixels), batch_size):
         for name, value in heads(cell_features(model, pixels[start:start + batch_size])).items():
@@ -135,17 +141,68 @@ def accuracy(model: Any, heads: CellHeads, pixels: torch.Tensor,
     for kind, mask in kinds.items():
         if mask.any():
             result[kind] = (predicted["content"] == content)[mask].float().mean().item()
-    for name in ("colour", "size", "style"):
+    for name in ("colour", "size", "cell", "style"):
         mask = labels[name] != IGNORE
         if mask.any():
             result[name] = (predicted[name] == labels[name])[mask].float().mean().item()
     return {name: round(value, 4) for name, value in result.items()}
 
 
-def pretrain_vision(model: Any, image_processor: Any, suite: Path, config: VisionPretrainConfig,
+def word_vectors(model: Any, tokenizer: Any, words: list[str]) -> torch.Tensor:
+    """Each word's input embedding as it occurs after a space: the mean of its tokens' embeddings, leaving out a
+    lone space token (a vocabulary without " no" writes it as " " + "no")."""
+    table = model.get_input_embeddings().weight.detach()
+    vectors = []
+    for word in words:
+        ids = tokenizer(f" {word}", add_special_tokens=False).input_ids
+        kept = [i for i in ids if tokenizer.decode([i]).strip()] or ids
+        vectors.append(table[kept].mean(0))
+    return torch.stack(vectors)
+
+
+def align_projector(model: Any, tokenizer: Any, pixels: torch.Tensor, labels: dict[str, torch.Tensor],
+                    positions: list[str], config: VisionPretrainConfig) -> dict[str, Any]:
+    """Stage 0b: train the projector so that each image token points at the words for its cell's content, colour,
+    size and position in the language model's (frozen, freshly initialised) input embeddings.
+
+    Per attribute, logits = scale * <token, word vector> over that attribute's words, with scale chosen so that
+    a token equal to a word's embedding scores `align_scale`; cross-entropy on the cell's labels. This is the job
+    of LLaVA's stage 1 (visual tokens mapped into the word-embedding space), done with the labels the suite has.
+    Measured on the suite (one seed): "what shape is the red object ?" went from 0.41 to 0.96 after 1,000 steps
+    of stage 1.
+    """
+    words = {"content": [*SHAPES, *(str(d) for d in range(10)), *LETTERS], "colour": list(COLOURS),
+             "size": list(SIZES), "cell": positions}
+    vectors = {name: word_vectors(model, tokenizer, values) for name, values in words.items()}
+    table = model.get_input_embeddings().weight.detach()
+    scale = config.align_scale / (table.var().item() * table.shape[1])
+    targets = {"content": torch.where(labels["content"] == 0, IGNORE, labels["content"] - 1),
+               "colour": labels["colour"], "size": labels["size"], "cell": labels["cell"]}
+    with torch.no_grad():
+        features = torch.cat([cell_features(model, pixels[i:i + 1024]) for i in range(0, len(pixels), 1024)])
+    projector = model.model.multi_modal_projector
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=config.learning_rate, betas=(0.9, 0.98),
+                                  weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    start, losses = time.time(), []
+    for _ in tqdm(range(config.align_steps), desc="projector alignment", unit="step"):
+        index = torch.randint(0, len(features), (config.batch_size,), generator=generator)
+        tokens = projector(features[index])
+        loss = sum(F.cross_entropy((scale * tokens @ vectors[name].T).flatten(0, 1), targets[name][index].flatten(),
+                                   ignore_index=IGNORE) for name in words)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return {"steps": config.align_steps, "seconds": round(time.time() - start, 1),
+            "mean_loss_last_100": sum(losses[-100:]) / max(1, len(losses[-100:]))}
+
+
+def pretrain_vision(model: Any, processor: Any, suite: Path, config: VisionPretrainConfig,
                     lr_factor: Any) -> dict[str, Any]:
-    """Train `model`'s vision tower on the cells of the suite's pretraining images; returns statistics and the
-    held-out accuracy on the pretraining evaluation images."""
+    """Train `model`'s vision tower on the cells of the suite's pretraining images, then (align_steps > 0) align
+    the projector; returns statistics and the tower's held-out accuracy on the pretraining evaluation images."""
+    image_processor = processor.image_processor
     pixels, labels = load_part(suite, "pretrain", image_processor)
     cells = labels["content"].shape[1]
     with torch.no_grad():
@@ -154,7 +211,7 @@ def pretrain_vision(model: Any, image_processor: Any, suite: Path, config: Visio
         raise ValueError(f"the vision tower gives {tokens} patch tokens but the suite's grid has {cells} cells: "
                          "stage 0 needs cells aligned with patches (image size = grid x 16, patch size 16)")
     tower = model.model.vision_tower
-    heads = CellHeads(tower.config.hidden_size)
+    heads = CellHeads(tower.config.hidden_size, cells)
     parameters = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(0.9, 0.98),
                                   weight_decay=config.weight_decay)
@@ -173,6 +230,12 @@ def pretrain_vision(model: Any, image_processor: Any, suite: Path, config: Visio
         losses.append(loss.item())
     seconds = round(time.time() - start, 1)
     tower.eval()
+    tower.requires_grad_(False)
     held_out = accuracy(model, heads, *load_part(suite, "pretrain_eval", image_processor))
-    return {"steps": config.steps, "seconds": seconds, "mean_loss_last_100": sum(losses[-100:]) / len(losses[-100:]),
-            "held_out_accuracy": held_out}
+    stats = {"steps": config.steps, "seconds": seconds, "mean_loss_last_100": sum(losses[-100:]) / len(losses[-100:]),
+             "held_out_accuracy": held_out}
+    if config.align_steps:
+        grid = int(round(cells ** 0.5))
+        stats["alignment"] = align_projector(model, processor.tokenizer, pixels, labels, positions(grid), config)
+    tower.requires_grad_(True)
+    return stats

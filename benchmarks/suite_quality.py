@@ -1,0 +1,86 @@
+"""The synthetic suite's quality bars (issue: built-in suite and tiny base), measured end to end per seed.
+
+For each seed: pretrain the base (`cmlora pretrain-base`, cache off, wall time), instruction-tune it with LoRA
+r=8 on all training tasks (`configs/suite_lora.yaml`, wall time), then evaluate with `cmlora eval`:
+held-out records of the training tasks (train_eval.json), the base's skills after tuning (pretrain_eval.json),
+the unseen tasks (mme/ and eval/), and the same unseen tasks with every image blanked (text-only baseline);
+finally `cmlora interference` on the LoRA run (first-order form). Prints one JSON object and writes it to
+benchmarks/results/suite_quality.json.
+
+    python benchmarks/suite_quality.py --suite suite --out runs/quality --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cmlora(*args: str) -> float:
+    """Run a cmlora command; returns its wall time in seconds."""
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "cmlora", *args], check=True, stdout=subprocess.DEVNULL)
+    return round(time.time() - start, 1)
+
+
+def accuracies(scores: dict) -> dict[str, float]:
+    return {task: round(value["accuracy"], 3) for task, value in scores.items()}
+
+
+def mme_acc(scores: dict) -> dict[str, float]:
+    return {name: round(value["acc"], 3) for name, value in scores["mme"]["subtasks"].items()}
+
+
+def one_seed(suite: Path, out: Path, seed: int, interference_tasks: str | None) -> dict:
+    base, run = out / f"base-s{seed}", out / f"lora-s{seed}"
+    result: dict = {"seed": seed}
+    result["base_seconds"] = cmlora("pretrain-base", "--suite", str(suite), "--out", str(base), "--seed", str(seed),
+                                    "--no-cache")
+    result["base"] = {k: round(v["accuracy"], 3)
+                      for k, v in json.loads((base / "base_eval.json").read_text())["skills"].items()}
+    result["lora_seconds"] = cmlora("train", "--config", str(ROOT / "configs/suite_lora.yaml"), "--model", str(base),
+                                    "--data", str(suite / "train.json"), "--image_folder", str(suite / "images"),
+                                    "--output_dir", str(run), "--seed", str(seed))
+    images = ["--heldout-images", str(suite / "images"), "--batch-size", "64"]
+    for name, file in (("train_tasks", "train_eval.json"), ("base_skills_after", "pretrain_eval.json")):
+        cmlora("eval", "--run", str(run), "--heldout", str(suite / file), *images, "--out", str(run / f"eval-{name}"))
+        result[name] = accuracies(json.loads((run / f"eval-{name}" / "scores.json").read_text())["heldout"])
+    for name, extra in (("unseen", []), ("unseen_text_only", ["--blank-images"])):
+        cmlora("eval", "--run", str(run), "--mme", str(suite / "mme"), "--tasks", str(suite / "eval"),
+               "--batch-size", "64", "--out", str(run / f"eval-{name}"), *extra)
+        scores = json.loads((run / f"eval-{name}" / "scores.json").read_text())
+        result[name] = {"mme_acc": mme_acc(scores), "tasks": accuracies(scores["tasks"]),
+                        "summary": {k: v if v is None else round(v, 2) for k, v in scores["summary"].items()}}
+    args = ["interference", "--run", str(run), "--data", str(suite / "train.json"), "--image-folder",
+            str(suite / "images"), "--first-order-only", "--out", str(run / "interference")]
+    if interference_tasks:
+        args += ["--tasks", interference_tasks]
+    cmlora(*args)
+    report = json.loads((run / "interference" / "interference.json").read_text())
+    result["interference"] = report.get("summary", report.get("negative_share"))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--interference-tasks", default="count_objects_digit,count_objects_word,exists_yes_no,"
+                        "exists_true_false,read_digit,digit_word")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks/results/suite_quality.json"))
+    args = parser.parse_args()
+    results = [one_seed(Path(args.suite), Path(args.out), seed, args.interference_tasks) for seed in args.seeds]
+    text = json.dumps({"suite": str(args.suite), "runs": results}, indent=1)
+    Path(args.results).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
