@@ -3,8 +3,8 @@
     cmlora train --config configs/tiny.yaml [--key value ...] [--resume]
     cmlora tiny-model --out runs/tiny-llava
     cmlora synth --out suite [--seed 0] [--grid 2] [--train-per-task 300] ...
-    cmlora pretrain-base --suite suite --out base [--steps N] [--seed S]
-    cmlora eval --run RUN_DIR | --base MODEL [--adapter DIR]  --mme DIR --tasks DIR [--only text_vqa,pope]
+    cmlora pretrain-base --suite suite --out base [--steps N] [--vision-steps N] [--seed S]
+    cmlora eval --run RUN_DIR | --base MODEL [--adapter DIR]  --mme DIR --tasks DIR [--heldout FILE] [--blank-images]
     cmlora compare RUN_A RUN_B ...
     cmlora interference --run RUN_DIR | --base MODEL (--adapter DIR | --fresh lora) --data train.json --tasks a,b
     cmlora routes --run RUN_DIR | --base MODEL (--adapter DIR | --fresh mixlora)  --data train.json [--unseen eval.json]

@@ -7,10 +7,10 @@
 - stage 1: freezes the tower and trains the projector and the language model on the suite's `pretrain.json`
   (several question/answer pairs and a description per image, every answer supervised), mixed with the text of
   `language_corpus` (the suite's instructions, answers and evaluation prompts, each alone, every token learned:
-  the text pretraining an LLM has had), with the recipe two
-  studies on a 2-core CPU found to work (shared/platform-notes.md): patch-aligned cells, dense supervision, AdamW
-  lr 2e-3, betas (0.9, 0.98), weight decay 0.01, clipping 1.0, batch 32, 5 % warm-up, cosine decay to 5 %.
-  Batches are drawn from length-sorted pools so that little of each step is padding;
+  the text pretraining an LLM has had), with the recipe two studies on a 2-core CPU found to work
+  (shared/platform-notes.md): patch-aligned cells, dense supervision, AdamW lr 2e-3, betas (0.9, 0.98), weight
+  decay 0.01, clipping 1.0, batch 32, 5 % warm-up, cosine decay to 5 %. Batches are drawn from length-sorted
+  pools so that little of each step is padding;
 then measures held-out accuracy per skill on `pretrain_eval.json`, and saves the model in Hugging Face format
 with `base_eval.json` beside it. Results are cached by a content hash of the suite's files, the recipe and the
 code version.

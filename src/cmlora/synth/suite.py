@@ -402,6 +402,15 @@ def readme(m: dict[str, Any]) -> str:
               f"then, with probability {p['describe_probability']}, the full description ('{DESCRIBE}'). "
               "pretrain_eval.json: single questions on new images, task_name = the skill; chance: "
               + ", ".join(f"{k} {v:.3g}" for k, v in p["eval_chance"].items()) + ".", "",
+              "## Measuring what a model learns on this suite", "",
+              "    cmlora pretrain-base --suite SUITE --out base            # the tiny base; base/base_eval.json",
+              "    cmlora train --config configs/suite_lora.yaml --model base --data SUITE/train.json "
+              "--image_folder SUITE/images --output_dir lora",
+              "    cmlora eval --run lora --heldout SUITE/train_eval.json --heldout-images SUITE/images",
+              "    cmlora eval --run lora --mme SUITE/mme --tasks SUITE/eval [--blank-images]",
+              "    cmlora interference --run lora --data SUITE/train.json --image-folder SUITE/images", "",
+              "`benchmarks/suite_quality.py` in the cmlora repository runs all of it per seed; the figures measured "
+              "for the default suite are in its BENCHMARKS.md.", "",
               "## Digits", "",
               f"load_digits samples {m['digits']['train_part']} (half-open) are used by training, pretraining, MME "
               f"and the other evaluations; samples {m['digits']['heldout_part']} only by eval/mnist.jsonl.", ""]
