@@ -122,11 +122,11 @@ def language_corpus(suite: Path) -> list[str]:
     return list(texts)
 
 
-def _corpus(suite: Path) -> list[str]:
+def _tokenizer_corpus(suite: Path, language: list[str]) -> list[str]:
     """Texts the tokenizer is trained on: the pretraining conversations and the language corpus."""
     texts = [turn["value"] for record in json.loads((suite / "pretrain.json").read_text())
              for turn in record["conversations"]]
-    return texts + language_corpus(suite)
+    return texts + language
 
 
 def text_items(texts: list[str], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
@@ -142,7 +142,8 @@ def text_items(texts: list[str], tokenizer: Any, max_length: int) -> list[dict[s
 def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 200) -> dict[str, Any]:
     """Build and train the base in `out` (stage 0, then stage 1); returns training statistics."""
     torch.manual_seed(config.seed)
-    vlm.tiny(out, config.spec, corpus=_corpus(suite))
+    language = language_corpus(suite)  # read once: it parses every evaluation file of the suite
+    vlm.tiny(out, config.spec, corpus=_tokenizer_corpus(suite, language))
     model, processor = vlm.load(out)
     vision = pretrain_vision(model, processor, suite, config.vision,
                              lambda step, total: _lr_factor(step, total, config.warmup_ratio, config.final_lr_ratio))
@@ -152,7 +153,7 @@ def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 
     records, _ = load_records(suite / "pretrain.json", suite / "images")
     dataset = InstructionDataset(records, processor, template="plain", max_length=config.max_length)
     items = [dataset[i] for i in tqdm(range(len(dataset)), desc="encoding", unit="rec")]
-    items += text_items(language_corpus(suite), processor.tokenizer, config.max_length)
+    items += text_items(language, processor.tokenizer, config.max_length)
     lengths = [len(item["input_ids"]) for item in items]
     collate = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None)
     parameters = [p for p in model.parameters() if p.requires_grad]
