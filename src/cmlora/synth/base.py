@@ -4,7 +4,7 @@
 - stage 0 (`synth.vision`): pretrains the vision tower as a per-cell classifier on the scenes of the suite's
   pretraining images (the role CLIP plays for LLaVA), then aligns the projector's output with the language
   model's word embeddings for what each cell holds;
-- stage 1: freezes the tower and trains the projector and the language model on the suite's `pretrain.json`
+- stage 1: freezes the tower and the projector and trains the language model on the suite's `pretrain.json`
   (several question/answer pairs and a description per image, every answer supervised), mixed with the text of
   `language_corpus` (the suite's instructions, answers and evaluation prompts, each alone, every token learned:
   the text pretraining an LLM has had), with the recipe two studies on a 2-core CPU found to work
@@ -36,7 +36,7 @@ from ..data import InstructionCollator, InstructionDataset, load_records
 from .vision import VisionPretrainConfig, pretrain_vision
 
 # Part of the cache key: bump it whenever the recipe's code changes what a base learns (template, loop, eval).
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 BASE_SPEC = vlm.TinySpec(image_size=32, patch_size=16, vision_hidden=96, vision_layers=2, vision_heads=4,
                          vision_intermediate=384, text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2,
                          intermediate=384, vocab_size=1024, vision_feature_layer=-1)
@@ -58,6 +58,10 @@ class PretrainConfig:
     spec: vlm.TinySpec = field(default_factory=lambda: BASE_SPEC)
     vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)  # stage 0
     freeze_vision: bool = True  # in stage 1, as LLaVA's stage 1 does
+    # In stage 1, keep the projector as stage 0b aligned it (image tokens pointing at their words): measured (one
+    # seed, 2,000 steps, stage 0 without its cell head) "is the <colour> <shape> small or large ?" 0.77 -> 0.97,
+    # existence 0.53 -> 0.75, and the first lookup learned in 1,000 steps instead of 1,500.
+    freeze_projector: bool = True
 
 
 def cache_dir() -> Path:
@@ -150,6 +154,8 @@ def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 
     tqdm.write(f"stage 0 (vision tower): {vision['seconds']} s, held-out {vision['held_out_accuracy']}")
     if config.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
+    if config.freeze_projector:
+        model.model.multi_modal_projector.requires_grad_(False)
     records, _ = load_records(suite / "pretrain.json", suite / "images")
     dataset = InstructionDataset(records, processor, template="plain", max_length=config.max_length)
     items = [dataset[i] for i in tqdm(range(len(dataset)), desc="encoding", unit="rec")]
