@@ -27,6 +27,7 @@ from cmlora.synth.scenes import (
     SHAPES,
     SIZE_PX,
     STYLES,
+    WORDS,
     Sampler,
     Scene,
     positions,
@@ -332,6 +333,17 @@ def test_pretrain_records_are_dense_and_eval_is_per_skill(suite, manifest):
     assert all(len(r["conversations"]) == 2 and len(r["conversations"][1]["value"].split()) <= 2 for r in held_out)
     pretrain_images = {r["image"] for r in records}
     assert not pretrain_images & {r["image"] for r in held_out}
+
+
+def test_pretraining_asks_for_the_word_only_where_the_letters_spell_one():
+    from cmlora.synth.suite import pretrain_questions
+
+    sampler = Sampler(random.Random(3), grid=2)
+    word = sampler.word()
+    assert pretrain_questions(word, random.Random(0))["word"] == [("what word is written ?", word.word())]
+    assert word.word() in WORDS
+    letters = sampler.letters("QZXK", in_order=True)
+    assert "word" not in pretrain_questions(letters, random.Random(0))
 
 
 def test_grid3_and_bitmap_font(tmp_path):

@@ -116,7 +116,7 @@ def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monk
     monkeypatch.setattr(base_module, "pretrain_vision", pretrain_vision)
     report = json.loads((out / "base_eval.json").read_text())
     assert set(report["skills"]) == {"colour", "shape", "count", "position", "existence", "size", "style", "digit",
-                                     "letter"}
+                                     "letter", "word"}
     training = report["training"]
     assert training["steps"] == 40 and training["mean_loss_last_100"] < 5.5  # uniform guessing: ln 400 = 5.99
     assert training["vision"]["steps"] == 5 and "colour" in training["vision"]["held_out_accuracy"]

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import LlamaConfig
 
 import cmlora
-from cmlora.vlm import QWEN2_VL_TOKENS, load, mixlora_targets, tiny, tiny_qwen2_vl
+from cmlora.vlm import QWEN2_VL_TOKENS, load, mixlora_targets, tiny, tiny_qwen2_vl, tiny_tokenizer
 
 VISION_TOWERS = ("vision_tower", "visual")
 PROJECTORS = {"llava": "multi_modal_projector", "qwen2_vl": "visual.merger"}
@@ -168,3 +168,17 @@ def test_load_rejects_an_unsupported_model_type(tmp_path):
     with pytest.raises(ValueError, match="llama") as error:
         load(tmp_path)
     assert str(tmp_path) in str(error.value)
+
+
+def test_tiny_tokenizer_writes_capitals_and_digits_one_token_each():
+    """Words read off letter cells and numbers read off digits are written with the per-character tokens a model
+    already uses for single letters and digits; rare characters still get their own " X" token."""
+    tokenizer = tiny_tokenizer(512, corpus=["what word is written ? RAIN . the sum is 12 . RAIN DOOR"] * 50)
+
+    def pieces(text):
+        return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
+
+    assert pieces(" RAIN") == ["ĠR", "A", "I", "N"]
+    assert pieces(" 12") == ["Ġ1", "2"]
+    assert pieces(" Q 7") == ["ĠQ", "Ġ7"]  # never in the corpus, still one token each with its space
+    assert tokenizer.decode(tokenizer(" DOOR 12", add_special_tokens=False).input_ids) == " DOOR 12"

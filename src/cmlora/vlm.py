@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import string
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -183,15 +184,24 @@ def _byte_level_bpe(vocab_size: int, specials: list[str], corpus: Sequence[str] 
     `specials` get the first ids, in order; `special_tokens` are PreTrainedTokenizerFast's keyword arguments
     (unk_token, bos_token, ..., extra_special_tokens).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Every digit and capital letter is a token of its own (with the space before it, if any), as LLaMA's tokenizer
+    # does for digits: "RAIN" is R A I N and "12" is 1 2, so a model that reads letters and digits one cell at a
+    # time writes words and numbers with the tokens it already knows, not with merges like "AI" it saw rarely.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(" ?[A-Z0-9]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(list(corpus) if corpus is not None else [_TOKENIZER_CORPUS] * 4, trainer=trainer)
+    texts = list(corpus) if corpus is not None else [_TOKENIZER_CORPUS] * 4
+    # " A" ... " Z", " 0" ... " 9" each become one token however rare they are in `corpus`: a lone space token
+    # before an answer is easy to mis-learn (see data.dataset.with_separator_spaces).
+    texts += [" ".join(["", *string.ascii_uppercase, *string.digits])] * 64
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_tokens)
 
 

@@ -45,7 +45,7 @@ from .scenes import (
 
 GENERATOR = "cmlora synth"
 FORMAT_VERSION = 1
-PRETRAIN_SKILLS = ("colour", "shape", "count", "position", "existence", "size", "style", "digit", "letter")
+PRETRAIN_SKILLS = ("colour", "shape", "count", "position", "existence", "size", "style", "digit", "letter", "word")
 DESCRIBE = "describe the image ."
 OUTPUTS = ("images", "eval", "mme", "train.json", "train_eval.json",
            "pretrain.json", "pretrain_eval.json", "scenes.jsonl",
@@ -163,6 +163,7 @@ def pretrain_questions(scene: Scene, rng: random.Random) -> dict[str, list[tuple
         "digit": [(f"what digit is at the {scene.position(i)} ?", i.label) for i in scene.items if i.kind == "digit"],
         "letter": [(f"what letter is at the {scene.position(i)} ?", i.label) for i in scene.items
                    if i.kind == "letter"],
+        "word": [("what word is written ?", scene.word())] if scene.word() in WORDS else [],
     }
     if shapes:
         item = rng.choice(shapes)
@@ -199,7 +200,7 @@ def write_pretrain(writer: Writer, seed: int, grid: int, images: int, eval_per_s
     _dump(writer.root / "pretrain_eval.json", held_out)
     answers = {"colour": len(COLOURS), "shape": len(SHAPES), "count": min(tt.MAX_ITEMS, grid * grid),
                "position": grid * grid, "existence": 2, "size": 2, "style": len(STYLES), "digit": 10,
-               "letter": len(LETTERS)}
+               "letter": len(LETTERS), "word": len([w for w in WORDS if len(w) <= grid * grid])}
     return {"records": len(records), "images": images, "skills": list(PRETRAIN_SKILLS), "describe_probability": 0.8,
             "questions_per_image": [1, 6], "eval_per_skill": counts,
             "eval_chance": {skill: 1 / answers[skill] for skill in PRETRAIN_SKILLS}}
