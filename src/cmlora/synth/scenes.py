@@ -52,6 +52,11 @@ _BITMAP = dict(zip(LETTERS, (
     "1111110A040404", "1F01020408101F"), strict=True))
 
 
+def fitting_words(grid: int) -> list[str]:
+    """The words that fit a grid, one letter per cell."""
+    return [word for word in WORDS if len(word) <= grid * grid]
+
+
 def positions(grid: int) -> list[str]:
     """Cell names in row-major order: top-left, top-right, bottom-left, bottom-right for a 2x2 grid; a 3x3 grid
     adds top-center, middle-left, center, middle-right, bottom-center."""
@@ -230,8 +235,7 @@ class Sampler:
         return scene
 
     def word(self, style: str = "filled") -> Scene:
-        fitting = [w for w in WORDS if len(w) <= self.grid * self.grid]
-        return self.letters(self.rng.choice(fitting), style, self.rng.choice(COLOURS))
+        return self.letters(self.rng.choice(fitting_words(self.grid)), style, self.rng.choice(COLOURS))
 
     def mixed(self, style: str) -> Scene:
         """Shapes with one digit or letter among them (pretraining)."""

@@ -38,6 +38,7 @@ from .scenes import (
     WORDS,
     Sampler,
     Scene,
+    fitting_words,
     font_kind,
     positions,
     render,
@@ -152,6 +153,7 @@ def pretrain_questions(scene: Scene, rng: random.Random) -> dict[str, list[tuple
     """skill -> the (question, answer) pairs this scene answers unambiguously."""
     unique = tt.unique_by(scene, lambda i: (i.colour, i.label))
     shapes = scene.shapes()
+    word = scene.word()
     found = {
         "colour": [(f"what colour is the {i.label} ?", i.colour) for i in tt.unique_by(scene, lambda i: i.label)],
         "shape": [(f"what shape is the {i.colour} object ?", i.label) for i in tt.unique_by(scene, lambda i: i.colour)],
@@ -163,7 +165,7 @@ def pretrain_questions(scene: Scene, rng: random.Random) -> dict[str, list[tuple
         "digit": [(f"what digit is at the {scene.position(i)} ?", i.label) for i in scene.items if i.kind == "digit"],
         "letter": [(f"what letter is at the {scene.position(i)} ?", i.label) for i in scene.items
                    if i.kind == "letter"],
-        "word": [("what word is written ?", scene.word())] if scene.word() in WORDS else [],
+        "word": [("what word is written ?", word)] if word in WORDS else [],
     }
     if shapes:
         item = rng.choice(shapes)
@@ -200,7 +202,7 @@ def write_pretrain(writer: Writer, seed: int, grid: int, images: int, eval_per_s
     _dump(writer.root / "pretrain_eval.json", held_out)
     answers = {"colour": len(COLOURS), "shape": len(SHAPES), "count": min(tt.MAX_ITEMS, grid * grid),
                "position": grid * grid, "existence": 2, "size": 2, "style": len(STYLES), "digit": 10,
-               "letter": len(LETTERS), "word": len([w for w in WORDS if len(w) <= grid * grid])}
+               "letter": len(LETTERS), "word": len(fitting_words(grid))}
     return {"records": len(records), "images": images, "skills": list(PRETRAIN_SKILLS), "describe_probability": 0.8,
             "questions_per_image": [1, 6], "eval_per_skill": counts,
             "eval_chance": {skill: 1 / answers[skill] for skill in PRETRAIN_SKILLS}}
