@@ -346,6 +346,29 @@ def test_pretraining_asks_for_the_word_only_where_the_letters_spell_one():
     assert "word" not in pretrain_questions(letters, random.Random(0))
 
 
+def test_pretraining_names_an_object_by_shape_colour_or_both_whichever_is_unique():
+    from cmlora.synth.scenes import Item, Scene
+    from cmlora.synth.suite import pretrain_questions, references
+
+    red_circle, red_square, blue_circle = (Item("shape", "circle", "red", 0, 0), Item("shape", "square", "red", 0, 1),
+                                           Item("shape", "circle", "blue", 1, 0))
+    scene = Scene(2, "filled", (0, 0, 0), [red_circle, red_square, blue_circle, Item("digit", "7", "green", 1, 1)])
+    assert references(scene, red_circle) == ["red circle"]
+    assert references(scene, red_square) == ["square", "red square"]
+    assert references(scene, blue_circle) == ["blue object", "blue circle"]
+    asked = Counter()
+    for seed in range(40):
+        found = pretrain_questions(scene, random.Random(seed))
+        for question, answer in found["position"]:
+            name = question.removeprefix("where is the ").removesuffix(" ?")
+            item = next(i for i in scene.items if name in references(scene, i))
+            assert answer == scene.position(item)
+            asked[name] += 1
+        assert {q.removeprefix("is the ").removesuffix(" small or large ?") for q, _ in found["size"]} <= {
+            name for item in scene.items for name in references(scene, item)}
+    assert set(asked) == {"red circle", "square", "red square", "blue object", "blue circle"}
+
+
 def test_grid3_and_bitmap_font(tmp_path):
     manifest = write_suite(tmp_path / "g3", 0, grid=3, train_per_task=2, eval_per_task=2, mme_images_per_subtask=1,
                            pretrain_images=5, pretrain_eval_per_skill=1, font="bitmap")

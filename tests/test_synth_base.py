@@ -102,7 +102,7 @@ def test_plain_template_has_no_system_prompt_and_no_roles():
 
 
 def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monkeypatch):
-    config = PretrainConfig(steps=40, batch_size=8, spec=SMALL, eval_batch_size=16,
+    config = PretrainConfig(steps=30, question_steps=10, batch_size=8, spec=SMALL, eval_batch_size=16,
                             vision=VisionPretrainConfig(steps=5, batch_size=8, align_steps=5))
     after_stage0 = {}
 
@@ -118,7 +118,13 @@ def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monk
     assert set(report["skills"]) == {"colour", "shape", "count", "position", "existence", "size", "style", "digit",
                                      "letter", "word"}
     training = report["training"]
-    assert training["steps"] == 40 and training["mean_loss_last_100"] < 5.5  # uniform guessing: ln 400 = 5.99
+    assert training["conversations"]["steps"] == 30 and training["questions"]["steps"] == 10
+    assert training["questions"]["mean_loss_last_100"] < 5.5  # uniform guessing: ln 400 = 5.99
+    # The second phase asks every question of the conversations on its own, the descriptions excepted.
+    turns = [t["value"] for r in json.loads((suite / "pretrain.json").read_text()) for t in r["conversations"][::2]]
+    questions = sum(not t.endswith("describe the image .") for t in turns)
+    text = len(base_module.language_corpus(suite))
+    assert training["questions"]["items"] == questions + text and training["conversations"]["items"] > text
     assert training["vision"]["steps"] == 5 and "colour" in training["vision"]["held_out_accuracy"]
     model, processor = vlm.load(out)
     assert model.config.vision_feature_layer == -1
@@ -142,7 +148,7 @@ def test_pretrain_base_command(suite, tmp_path, capsys):
     from cmlora.cli import main
 
     main(["pretrain-base", "--suite", str(suite), "--out", str(tmp_path / "base"), "--steps", "3",
-          "--vision-steps", "2"])
+          "--question-steps", "2", "--vision-steps", "2"])
     out = capsys.readouterr().out
     assert "held-out accuracy: colour" in out and (tmp_path / "base" / "base_eval.json").exists()
 
@@ -176,3 +182,23 @@ def test_text_items_learn_every_token(tmp_path):
     assert torch.equal(item["input_ids"], item["labels"]) and item["pixel_values"] is None
     assert item["input_ids"][-1] == processor.tokenizer.eos_token_id
     assert processor.tokenizer.decode(item["input_ids"][:-1]) == "is there a red circle ?"
+
+
+def test_one_question_each_asks_every_question_right_after_the_image(tmp_path):
+    from cmlora.data import Record
+    from cmlora.synth.base import one_question_each
+
+    image = tmp_path / "x.png"
+    record = Record("p1", [Turn("user", "<image>\nwhat colour is the square ?"), Turn("assistant", "red"),
+                           Turn("user", "how many objects are there ?"), Turn("assistant", "2"),
+                           Turn("user", "describe the image ."), Turn("assistant", "large red square top-left .")],
+                    image, "pretrain", "pretrain.json[#0]")
+    text = Record("t1", [Turn("user", "say hi"), Turn("assistant", "hi")], None, None, "pretrain.json[#1]")
+    singles = one_question_each([record, text])
+    assert [s.id for s in singles] == ["p1#0", "p1#1", "p1#2", "t1#0"]
+    assert [[(t.role, t.text) for t in s.conversations] for s in singles] == [
+        [("user", "<image>\nwhat colour is the square ?"), ("assistant", "red")],
+        [("user", "<image>\nhow many objects are there ?"), ("assistant", "2")],
+        [("user", "<image>\ndescribe the image ."), ("assistant", "large red square top-left .")],
+        [("user", "say hi"), ("assistant", "hi")]]
+    assert all(s.image == image and s.task_name == "pretrain" for s in singles[:3]) and singles[3].image is None

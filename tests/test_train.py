@@ -137,3 +137,37 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(workspace, tmp_path):
     b = load_file(run / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed adapter differs from the uninterrupted run"
+
+
+def write_replay(workspace, name, ids):
+    root, _, data = workspace
+    records = [{"id": i, "image": "img0.png", "task_name": "pretrain",
+                "conversations": [{"from": "human", "value": "<image>\ndescribe the image ."},
+                                  {"from": "gpt", "value": "red"}]} for i in ids]
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_replay_mixes_a_seeded_share_of_another_file_into_training(workspace):
+    from cmlora.data import DataError, load_records
+    from cmlora.train import replay_records
+
+    replay = write_replay(workspace, "replay", [f"p{i}" for i in range(10)])
+    config = tiny_config(workspace, "replay", replay_data=replay, replay_fraction=0.5, adapter="lora", max_steps=2,
+                         save_steps=100)
+    records, _ = load_records(config.data, config.image_folder)
+    drawn = replay_records(config, records)
+    assert len(drawn) == 8 and len({r.id for r in drawn}) == 8 and all(r.id.startswith("p") for r in drawn)
+    assert [r.id for r in replay_records(config, records)] == [r.id for r in drawn]
+    other = replay_records(tiny_config(workspace, "replay", replay_data=replay, replay_fraction=0.5, seed=4), records)
+    assert [r.id for r in other] != [r.id for r in drawn]
+    with pytest.raises(DataError, match=r"replay\.json: replay_fraction 1\.0 asks for 16 records .* has 10"):
+        replay_records(tiny_config(workspace, "replay", replay_data=replay, replay_fraction=1.0), records)
+    clash = write_replay(workspace, "clash", ["p0", "r3"])
+    with pytest.raises(DataError, match=r"clash\.json\[#1\]: record 'r3': field 'id': also used by .*train\.json"):
+        replay_records(tiny_config(workspace, "replay", replay_data=clash, replay_fraction=0.1), records)
+    with pytest.raises(ValueError, match="replay_fraction must be in"):
+        tiny_config(workspace, "replay", replay_fraction=0)
+    run = train(config)
+    assert json.loads((run / "task_names.json").read_text()) == ["colour", "pretrain", "yes_no"]

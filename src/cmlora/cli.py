@@ -3,7 +3,7 @@
     cmlora train --config configs/tiny.yaml [--key value ...] [--resume]
     cmlora tiny-model --out runs/tiny-llava
     cmlora synth --out suite [--seed 0] [--grid 2] [--train-per-task 300] ...
-    cmlora pretrain-base --suite suite --out base [--steps N] [--vision-steps N] [--seed S]
+    cmlora pretrain-base --suite suite --out base [--steps N] [--question-steps N] [--vision-steps N] [--seed S]
     cmlora eval --run RUN_DIR | --base MODEL [--adapter DIR]  --mme DIR --tasks DIR [--heldout FILE] [--blank-images]
     cmlora compare RUN_A RUN_B ...
     cmlora interference --run RUN_DIR | --base MODEL (--adapter DIR | --fresh lora) --data train.json --tasks a,b
@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     base_parser.add_argument("--suite", required=True, help="a folder written by cmlora synth")
     base_parser.add_argument("--out", required=True, help="folder to copy the trained base to")
     base_parser.add_argument("--steps", type=int, default=None,
-                             help="stage 1 optimizer steps (default: the recipe's)")
+                             help="stage 1 optimizer steps on the conversations (default: the recipe's)")
+    base_parser.add_argument("--question-steps", type=int, default=None,
+                             help="stage 1 optimizer steps on single questions, after the conversations "
+                                  "(default: the recipe's)")
     base_parser.add_argument("--vision-steps", type=int, default=None,
                              help="stage 0 (vision tower) optimizer steps (default: the recipe's)")
     base_parser.add_argument("--seed", type=int, default=0)
@@ -164,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         from .synth.vision import VisionPretrainConfig
 
         vision = VisionPretrainConfig(seed=args.seed, **({"steps": args.vision_steps} if args.vision_steps else {}))
-        config = PretrainConfig(seed=args.seed, vision=vision, **({"steps": args.steps} if args.steps else {}))
+        steps = {name: value for name, value in (("steps", args.steps), ("question_steps", args.question_steps))
+                 if value is not None}
+        config = PretrainConfig(seed=args.seed, vision=vision, **steps)
         out = pretrain_base(args.suite, args.out, config, use_cache=not args.no_cache)
         skills = json.loads((out / "base_eval.json").read_text())["skills"]
         print(f"[cmlora] base written to {out}; held-out accuracy: "

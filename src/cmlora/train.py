@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -49,6 +50,11 @@ class TrainConfig:
         "help": "Conversation template: vicuna_v1, chat, or auto (vicuna_v1 for LLaVA, else chat)."})
     max_length: int = field(default=1792, metadata={"help": "Truncate examples to this many tokens."})
     skip_bad_records: bool = field(default=False, metadata={"help": "Skip and count bad records, not fail."})
+    replay_data: str | None = field(default=None, metadata={
+        "help": "Records mixed into the training set against forgetting, e.g. the base's pretraining conversations "
+                "(same formats as data; images resolved against image_folder)."})
+    replay_fraction: float = field(default=0.1, metadata={
+        "help": "How many replay_data records to mix in, as a share of the training records (drawn once, with seed)."})
     # adapter
     r: int = field(default=4, metadata={"help": "Rank (LoRA) / factors selected per instance (MixLoRA)."})
     num_factors: int = field(default=16, metadata={"help": "MixLoRA: factors per pool (E)."})
@@ -89,6 +95,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
+        if not 0 < self.replay_fraction <= 1:
+            raise ValueError(f"replay_fraction must be in (0, 1], got {self.replay_fraction}")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -272,6 +280,8 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
     set_seed(config.seed)
     model, processor = vlm.load(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32)
     records, skipped = load_records(config.data, config.image_folder, skip_bad_records=config.skip_bad_records)
+    if config.replay_data:
+        records += replay_records(config, records)
     template = resolve_template(config.template, model, processor)
     print(f"[cmlora] conversation template: {template}")
     dataset = InstructionDataset(records, processor, template=template, max_length=config.max_length,
@@ -305,6 +315,27 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
         _write_run_metadata(run_dir, trainer, config, dataset.task_names,
                             {**result.metrics, "skipped_records": skip_counts, **router_statistics(trainer.model)})
     return run_dir
+
+
+def replay_records(config: TrainConfig, records: list[Any]) -> list[Any]:
+    """`replay_fraction` x len(records) records of `replay_data`, drawn without replacement with the run's seed
+    (the same on every process of a distributed run)."""
+    from .data import DataError, load_records
+
+    replay, _ = load_records(config.replay_data, config.image_folder)
+    wanted = round(config.replay_fraction * len(records))
+    if wanted > len(replay):
+        raise DataError(f"{config.replay_data}: replay_fraction {config.replay_fraction} asks for {wanted} records "
+                        f"({config.replay_fraction} x {len(records)} training records) but the file has {len(replay)}",
+                        "too few replay records")
+    ids = {record.id: record.source for record in records}
+    clash = next((record for record in replay if record.id in ids), None)
+    if clash is not None:
+        raise DataError(f"{clash.source}: record {clash.id!r}: field 'id': also used by the training record at "
+                        f"{ids[clash.id]}; ids must be unique across data and replay_data", "duplicate id")
+    drawn = random.Random(config.seed).sample(replay, wanted)
+    print(f"[cmlora] mixed in {wanted} records of {config.replay_data}")
+    return drawn
 
 
 def _write_run_metadata(run_dir: Path, trainer: Any, config: TrainConfig, task_names: list[str],
