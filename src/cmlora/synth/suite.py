@@ -154,7 +154,7 @@ def references(scene: Scene, item: Item) -> list[str]:
     """The ways to name a shape of the scene that no other item fits: 'triangle', 'red object', 'red triangle'."""
     ways = {item.label: lambda i: i.label, f"{item.colour} object": lambda i: i.colour,
             f"{item.colour} {item.label}": lambda i: (i.colour, i.label)}
-    return [name for name, key in ways.items() if sum(key(i) == key(item) for i in scene.items) == 1]
+    return [name for name, key in ways.items() if item in tt.unique_by(scene, key)]
 
 
 def pretrain_questions(scene: Scene, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
