@@ -134,6 +134,7 @@ def test_corrupt_image_names_file_and_record_and_validate_skips_it(tiny, records
     report = skipping.validate()
     assert report.counts == {"corrupt image": 1, "answer truncated away": 1}
     assert [record.id for record in skipping.records] == ["r0", "r1"] and len(skipping) == 2
+    assert skipping.lengths == [len(skipping[0]["input_ids"]), len(skipping[1]["input_ids"])]  # of the kept records
     assert skipping.task_names == ["color", "count", "unknown"]  # the vocabulary does not shrink with the records
 
 

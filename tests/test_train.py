@@ -139,11 +139,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(workspace, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed adapter differs from the uninterrupted run"
 
 
-def write_replay(workspace, name, ids):
+def write_replay(workspace, name, ids, answer="red"):
     root, _, data = workspace
     records = [{"id": i, "image": "img0.png", "task_name": "pretrain",
                 "conversations": [{"from": "human", "value": "<image>\ndescribe the image ."},
-                                  {"from": "gpt", "value": "red"}]} for i in ids]
+                                  {"from": "gpt", "value": answer}]} for i in ids]
     path = root / f"{name}.json"
     path.write_text(json.dumps(records))
     return str(path)
@@ -171,3 +171,31 @@ def test_replay_mixes_a_seeded_share_of_another_file_into_training(workspace):
         tiny_config(workspace, "replay", replay_fraction=0)
     run = train(config)
     assert json.loads((run / "task_names.json").read_text()) == ["colour", "pretrain", "yes_no"]
+
+
+def mixed_batches_per_epoch(workspace, name, group_by_length):
+    """How many of one epoch's training batches (of 2) mix a short record with a long one: 64 short records and 64
+    long replay records (40 more answer tokens)."""
+    from transformers import TrainerCallback
+
+    class Capture(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            self.loader = train_dataloader
+
+    root = workspace[0]
+    data = write_records(root / "data64", count=64)
+    replay = write_replay(workspace, f"long-{name}", [f"p{i}" for i in range(64)], answer=" ".join(["red"] * 40))
+    capture = Capture()
+    train(tiny_config(workspace, name, adapter="lora", data=str(data), image_folder=str(data.parent / "images"),
+                      replay_data=replay, replay_fraction=1.0, batch_size=2, max_steps=1, save_steps=100,
+                      group_by_length=group_by_length), callbacks=[capture])
+    lengths = [batch["attention_mask"].sum(dim=1) for batch in capture.loader]
+    assert sum(len(pair) for pair in lengths) == 128  # every record once
+    return sum(int(pair.max() - pair.min() > 20) for pair in lengths)
+
+
+def test_group_by_length_batches_records_of_similar_length(workspace):
+    # transformers' sampler sorts pools of 16 batches here (min(128 // (4 x 2), 50)): at most one mixed batch in
+    # each of the 4 pools; random batches of a half-short, half-long set mix about half the time.
+    assert mixed_batches_per_epoch(workspace, "grouped", True) <= 4 < 20 < mixed_batches_per_epoch(
+        workspace, "shuffled", False)

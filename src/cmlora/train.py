@@ -55,6 +55,9 @@ class TrainConfig:
                 "(same formats as data; images resolved against image_folder)."})
     replay_fraction: float = field(default=0.1, metadata={
         "help": "How many replay_data records to mix in, as a share of the training records (drawn once, with seed)."})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "Batch records of similar token length together (transformers' LengthGroupedSampler): less "
+                "padding where lengths vary, e.g. short tasks mixed with long replay conversations."})
     # adapter
     r: int = field(default=4, metadata={"help": "Rank (LoRA) / factors selected per instance (MixLoRA)."})
     num_factors: int = field(default=16, metadata={"help": "MixLoRA: factors per pool (E)."})
@@ -221,7 +224,18 @@ def _trainer_class() -> type:
     from transformers import Trainer
 
     class CmloraTrainer(Trainer):
-        """Trainer that adds MixLoRA's router statistics to every log line."""
+        """Trainer that adds MixLoRA's router statistics to every log line, and gives length-grouped sampling the
+        token lengths `InstructionDataset.validate` measured (transformers would encode every record again)."""
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            lengths = getattr(dataset, "lengths", None)
+            if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
+                return super()._get_train_sampler(train_dataset)
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=lengths)
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if "loss" in logs:
@@ -250,6 +264,7 @@ def _training_arguments(config: TrainConfig, run_dir: Path) -> Any:
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         seed=config.seed,
         data_seed=config.seed,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         logging_steps=config.logging_steps,
         save_strategy="steps",
         save_steps=config.save_steps,

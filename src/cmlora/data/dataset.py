@@ -65,6 +65,7 @@ class InstructionDataset(Dataset):
         self.template = template
         self.max_length = max_length
         self.skip_bad_records = skip_bad_records
+        self.lengths: list[int] | None = None  # set by validate()
         self.task_names = list(task_names) if task_names is not None else sorted({_task(r) for r in self.records})
         self._task_index = {name: index for index, name in enumerate(self.task_names)}
         for record in self.records:
@@ -122,21 +123,24 @@ class InstructionDataset(Dataset):
 
     def validate(self) -> SkipReport:
         """Encode every record once (images included). Raises on the first bad record; with skip_bad_records,
-        removes the bad records from the dataset and returns what was removed, by reason. Call before training."""
+        removes the bad records from the dataset and returns what was removed, by reason. Call before training.
+        Also sets `lengths`: each kept record's length in tokens, image tokens included (for length-grouped
+        batches)."""
         report = SkipReport()
-        kept = []
+        kept, lengths = [], []
         for record in tqdm(self.records, desc="checking records", unit="record", disable=None):
             try:
-                self.encode(record)
+                item = self.encode(record)
             except DataError as error:
                 if not self.skip_bad_records:
                     raise
                 report.add(error)
                 continue
             kept.append(record)
+            lengths.append(len(item["input_ids"]))
         if not kept:
             raise DataError(f"no usable records left after validation.\n{report.summary()}", "no records")
-        self.records = kept
+        self.records, self.lengths = kept, lengths
         if report:
             logger.warning("%s", report.summary())
         return report
