@@ -33,7 +33,7 @@ from cmlora.synth.scenes import (
     positions,
     render,
 )
-from cmlora.synth.train_tasks import CATEGORIES, CORNERS, TASKS
+from cmlora.synth.train_tasks import CATEGORIES, CORNERS, TASKS, plural
 
 SIZES = {"train_per_task": 12, "eval_per_task": 12, "mme_images_per_subtask": 4, "pretrain_images": 40,
          "pretrain_eval_per_skill": 3, "train_eval_per_task": 5}
@@ -229,6 +229,9 @@ def test_training_answers_follow_from_the_scene(train, train_eval, scenes):
         elif task == "majority_colour":
             (top, n), *rest = Counter(i.colour for i in scene.items).most_common()
             assert answer == top and all(m < n for _, m in rest)
+        elif task == "count_shape":  # the plural is spelt right: "crosses", not "crosss"
+            shape = next(shape for shape in SHAPES if plural(shape) in question.split())
+            assert answer == str(sum(i.label == shape for i in scene.items))
         elif task == "digit_sum":
             assert answer == str(sum(int(i.label) for i in scene.items))
         elif task in ("read_word", "spell_word"):

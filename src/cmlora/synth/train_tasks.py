@@ -69,6 +69,11 @@ def number(n: int, convention: str) -> str:
     return NUMBER_WORDS[n] if convention == "word" else str(n)
 
 
+def plural(noun: str) -> str:
+    """'circle' -> 'circles', 'cross' -> 'crosses'."""
+    return noun + ("es" if noun.endswith(("s", "x", "sh", "ch")) else "s")
+
+
 def boolean(value: bool, convention: str) -> str:
     if convention == "true_false":
         return "true" if value else "false"
@@ -215,7 +220,7 @@ QUERIES: dict[str, Query] = {
                                              lambda i: (obj(i), i.size)), _fixed(SIZES)),
     "count_colour": Query(lambda sc, r, c: (lambda v, n: ({"colour": v}, number(n, c)))(
         *_count_of(sc, r, "colour", COLOURS)), _numbers(0, lambda g: min(MAX_ITEMS, g * g))),
-    "count_shape": Query(lambda sc, r, c: (lambda v, n: ({"shape": v}, number(n, c)))(
+    "count_shape": Query(lambda sc, r, c: (lambda v, n: ({"shapes": plural(v)}, number(n, c)))(
         *_count_of(sc, r, "label", SHAPES)), _numbers(0, lambda g: min(MAX_ITEMS, g * g))),
     "more": Query(_more, _YES_NO),
     "majority": Query(_majority, _fixed(COLOURS)),
@@ -322,8 +327,8 @@ TASKS: tuple[TaskSpec, ...] = (
         "Which colour appears most often in the image?", "What is the most frequent colour among the objects?",
         "Name the colour that most of the shapes have."), "", "crowd"),
     T("count_shape", C, "crowd", "count_shape", (
-        "How many {shape}s are in the image? Answer with a digit.", "Count the {shape}s and reply with a digit.",
-        "What is the number of {shape}s shown?"), "digit", "crowd"),
+        "How many {shapes} are in the image? Answer with a digit.", "Count the {shapes} and reply with a digit.",
+        "What is the number of {shapes} shown?"), "digit", "crowd"),
     T("digit_sum", C, "two_digits", "digit_sum", (
         "What is the sum of the two digits in the image?", "Add the two handwritten digits. What is the result?",
         "Compute the total of the two numbers shown."), "digit", "two_digits"),
