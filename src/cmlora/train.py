@@ -345,7 +345,7 @@ def replay_records(config: TrainConfig, records: list[Any]) -> list[Any]:
                         "too few replay records")
     ids = {record.id: record.source for record in records}
     clash = next((record for record in replay if record.id in ids), None)
-    if clash is not None:
+    if clash is not None:  # record_error's format, without its skip hint: skipping cannot resolve a clash
         raise DataError(f"{clash.source}: record {clash.id!r}: field 'id': also used by the training record at "
                         f"{ids[clash.id]}; ids must be unique across data and replay_data", "duplicate id")
     drawn = random.Random(config.seed).sample(replay, wanted)
