@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-deepspeed lint bench clean
+.PHONY: venv test test-deepspeed lint bench shipped-base clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ test-deepspeed: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/layer.py
+
+# Retrain the base the package ships (src/cmlora/synth/shipped_base) on the default suite, from scratch: after
+# any change to the suite generator or to the recipe (RECIPE_VERSION). About 16 minutes on 2 CPU cores.
+SHIP := runs/shipped-base
+shipped-base: $(STAMP)
+	$(BIN)/cmlora synth --out $(SHIP)/suite --seed 0
+	CMLORA_CACHE=$(SHIP)/cache $(BIN)/cmlora pretrain-base --suite $(SHIP)/suite --out $(SHIP)/base --seed 0 --no-cache
+	$(BIN)/python -m cmlora.synth.shipped $(SHIP)/base --command "cmlora synth --out suite --seed 0" \
+		--command "cmlora pretrain-base --suite suite --out base --seed 0 --no-cache"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

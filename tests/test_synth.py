@@ -372,6 +372,28 @@ def test_pretraining_names_an_object_by_shape_colour_or_both_whichever_is_unique
     assert set(asked) == {"red circle", "square", "red square", "blue object", "blue circle"}
 
 
+def test_question_kind_names_every_pretraining_question_by_skill_and_way_of_naming():
+    from cmlora.synth.suite import DESCRIBE, pretrain_questions, pretrain_scene, question_kind
+
+    sampler = Sampler(random.Random(5), grid=2)
+    kinds = Counter()
+    for _ in range(300):
+        for skill, pairs in pretrain_questions(pretrain_scene(sampler), sampler.rng).items():
+            for question, _ in pairs:
+                kind = question_kind(f"<image>\n{question}" if kinds.total() % 2 else question)
+                assert kind.split(" by ")[0] == skill, (question, kind)
+                kinds[kind] += 1
+    assert {f"{skill} by {way}" for skill in ("position", "size") for way in ("shape", "colour", "colour and shape")
+            } <= set(kinds)
+    assert {"colour", "shape", "count", "existence", "style", "digit", "letter", "word"} <= set(kinds)
+    assert question_kind("where is the red triangle ?") == "position by colour and shape"
+    assert question_kind("is the blue object small or large ?") == "size by colour"
+    assert question_kind(DESCRIBE) == "description"
+    for foreign in ("what is the capital of France ?", "where is the purple blob ?", "is the cat small or large ?"):
+        with pytest.raises(ValueError, match="not a pretraining question"):
+            question_kind(foreign)
+
+
 def test_grid3_and_bitmap_font(tmp_path):
     manifest = write_suite(tmp_path / "g3", 0, grid=3, train_per_task=2, eval_per_task=2, mme_images_per_subtask=1,
                            pretrain_images=5, pretrain_eval_per_skill=1, font="bitmap")

@@ -2,6 +2,8 @@
 evaluation, the content cache."""
 
 import json
+import random
+from collections import Counter
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ from cmlora import vlm
 from cmlora.data import TEMPLATES, Turn
 from cmlora.synth import base as base_module
 from cmlora.synth import write_suite
-from cmlora.synth.base import PretrainConfig, length_grouped_batches, pretrain_base
+from cmlora.synth.base import PretrainConfig, balanced_by_kind, length_grouped_batches, pretrain_base
 from cmlora.synth.scenes import COLOURS, SHAPES, SIZES, STYLES
+from cmlora.synth.suite import question_kind
 from cmlora.synth.vision import (
     CONTENTS,
     IGNORE,
@@ -93,6 +96,22 @@ def test_length_grouped_batches_cover_every_record_once_with_little_padding():
     assert padded < 1.15 * sum(lengths)  # random batches of 32 would pad to ~1.8x
 
 
+def test_balanced_by_kind_gives_every_kind_as_many_items_as_the_commonest():
+    kinds = ["a", "b", "a", "c", "a", "b", "a", "a", "b"]  # a: 5, b: 3, c: 1
+    chosen = balanced_by_kind(kinds, random.Random(0))
+    assert Counter(kinds[i] for i in chosen) == {"a": 5, "b": 5, "c": 5}
+    assert sorted(i for i in chosen if kinds[i] == "a") == [0, 2, 4, 6, 7]  # the commonest kind, each once
+    b = Counter(i for i in chosen if kinds[i] == "b")
+    assert set(b) == {1, 5, 8} and sorted(b.values()) == [1, 2, 2]  # all once, then 2 of 3 drawn without replacement
+    assert chosen == balanced_by_kind(kinds, random.Random(0)) and balanced_by_kind([], random.Random(0)) == []
+
+
+def test_an_unknown_focus_kind_fails_before_any_training(suite, tmp_path, monkeypatch):
+    monkeypatch.setattr(base_module, "pretrain_vision", lambda *args: pytest.fail("stage 0 ran"))
+    with pytest.raises(ValueError, match=r"focus_kind 'colour by shape' is no question kind of .*pretrain.json"):
+        pretrain_base(suite, tmp_path / "base", PretrainConfig(focus_kind="colour by shape", spec=SMALL))
+
+
 def test_plain_template_has_no_system_prompt_and_no_roles():
     turns = [Turn("user", "<image>\nWhat colour?"), Turn("assistant", "red"), Turn("user", "Shape?"),
              Turn("assistant", "a square")]
@@ -102,8 +121,8 @@ def test_plain_template_has_no_system_prompt_and_no_roles():
 
 
 def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monkeypatch):
-    config = PretrainConfig(steps=30, question_steps=10, batch_size=8, spec=SMALL, eval_batch_size=16,
-                            vision=VisionPretrainConfig(steps=5, batch_size=8, align_steps=5))
+    config = PretrainConfig(steps=30, focus_steps=10, question_steps=10, batch_size=8, spec=SMALL,
+                            eval_batch_size=16, vision=VisionPretrainConfig(steps=5, batch_size=8, align_steps=5))
     after_stage0 = {}
 
     def stage0(model, *args):
@@ -118,13 +137,16 @@ def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monk
     assert set(report["skills"]) == {"colour", "shape", "count", "position", "existence", "size", "style", "digit",
                                      "letter", "word"}
     training = report["training"]
-    assert training["conversations"]["steps"] == 30 and training["questions"]["steps"] == 10
+    assert [training[phase]["steps"] for phase in ("conversations", "focus", "questions")] == [30, 10, 10]
     assert training["questions"]["mean_loss_last_100"] < 5.5  # uniform guessing: ln 400 = 5.99
-    # The second phase asks every question of the conversations on its own, the descriptions excepted.
+    # The focus phase asks the colour-of-a-shape questions alone; the last phase asks every question of the
+    # conversations on its own (the descriptions excepted), each kind as often as the commonest.
     turns = [t["value"] for r in json.loads((suite / "pretrain.json").read_text()) for t in r["conversations"][::2]]
-    questions = sum(not t.endswith("describe the image .") for t in turns)
+    kinds = Counter(question_kind(t) for t in turns if not t.endswith("describe the image ."))
     text = len(base_module.language_corpus(suite))
-    assert training["questions"]["items"] == questions + text and training["conversations"]["items"] > text
+    assert training["focus"]["items"] == kinds["colour"] + text
+    assert training["questions"]["items"] == len(kinds) * max(kinds.values()) + text
+    assert training["conversations"]["items"] == len(json.loads((suite / "pretrain.json").read_text())) + text
     assert training["vision"]["steps"] == 5 and "colour" in training["vision"]["held_out_accuracy"]
     model, processor = vlm.load(out)
     assert model.config.vision_feature_layer == -1
@@ -148,9 +170,11 @@ def test_pretrain_base_command(suite, tmp_path, capsys):
     from cmlora.cli import main
 
     main(["pretrain-base", "--suite", str(suite), "--out", str(tmp_path / "base"), "--steps", "3",
-          "--question-steps", "2", "--vision-steps", "2"])
+          "--focus-steps", "4", "--question-steps", "2", "--vision-steps", "2"])
     out = capsys.readouterr().out
-    assert "held-out accuracy: colour" in out and (tmp_path / "base" / "base_eval.json").exists()
+    assert "held-out accuracy: colour" in out
+    training = json.loads((tmp_path / "base" / "base_eval.json").read_text())["training"]
+    assert [training[name]["steps"] for name in ("vision", "conversations", "focus", "questions")] == [2, 3, 4, 2]
 
 
 def test_language_corpus_has_instructions_answers_and_eval_prompts_but_no_pairs_or_targets(suite):

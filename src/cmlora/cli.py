@@ -3,7 +3,8 @@
     cmlora train --config configs/tiny.yaml [--key value ...] [--resume]
     cmlora tiny-model --out runs/tiny-llava
     cmlora synth --out suite [--seed 0] [--grid 2] [--train-per-task 300] ...
-    cmlora pretrain-base --suite suite --out base [--steps N] [--question-steps N] [--vision-steps N] [--seed S]
+    cmlora pretrain-base --suite suite --out base [--steps N] [--focus-steps N] [--question-steps N]
+                         [--vision-steps N] [--seed S]
     cmlora eval --run RUN_DIR | --base MODEL [--adapter DIR]  --mme DIR --tasks DIR [--heldout FILE] [--blank-images]
     cmlora compare RUN_A RUN_B ...
     cmlora interference --run RUN_DIR | --base MODEL (--adapter DIR | --fresh lora) --data train.json --tasks a,b
@@ -86,13 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     base_parser.add_argument("--out", required=True, help="folder to copy the trained base to")
     base_parser.add_argument("--steps", type=int, default=None,
                              help="stage 1 optimizer steps on the conversations (default: the recipe's)")
+    base_parser.add_argument("--focus-steps", type=int, default=None,
+                             help="stage 1 optimizer steps on the colour-of-a-shape questions alone, after the "
+                                  "conversations (default: the recipe's)")
     base_parser.add_argument("--question-steps", type=int, default=None,
-                             help="stage 1 optimizer steps on single questions, after the conversations "
+                             help="stage 1 optimizer steps on all single questions, balanced by kind, last "
                                   "(default: the recipe's)")
     base_parser.add_argument("--vision-steps", type=int, default=None,
                              help="stage 0 (vision tower) optimizer steps (default: the recipe's)")
     base_parser.add_argument("--seed", type=int, default=0)
-    base_parser.add_argument("--no-cache", action="store_true", help="train even if the cache holds this base")
+    base_parser.add_argument("--no-cache", action="store_true",
+                             help="train even if the cache or the shipped base holds this base")
     eval_parser = commands.add_parser("eval", help="zero-shot evaluation: MME and the <task>.jsonl datasets")
     add_model_source(eval_parser)
     eval_parser.add_argument("--mme", help="MME folder (official release layout or <subtask>.jsonl files)")
@@ -167,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         from .synth.vision import VisionPretrainConfig
 
         vision = VisionPretrainConfig(seed=args.seed, **({"steps": args.vision_steps} if args.vision_steps else {}))
-        steps = {name: value for name, value in (("steps", args.steps), ("question_steps", args.question_steps))
-                 if value is not None}
+        steps = {name: value for name, value in (("steps", args.steps), ("focus_steps", args.focus_steps),
+                                                 ("question_steps", args.question_steps)) if value is not None}
         config = PretrainConfig(seed=args.seed, vision=vision, **steps)
         out = pretrain_base(args.suite, args.out, config, use_cache=not args.no_cache)
         skills = json.loads((out / "base_eval.json").read_text())["skills"]

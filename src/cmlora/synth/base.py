@@ -4,17 +4,18 @@
 - stage 0 (`synth.vision`): pretrains the vision tower as a per-cell classifier on the scenes of the suite's
   pretraining images (the role CLIP plays for LLaVA), then aligns the projector's output with the language
   model's word embeddings for what each cell holds;
-- stage 1: freezes the tower and the projector and trains the language model in two phases, first on the
-  suite's `pretrain.json` (several question/answer pairs and a description per image, every answer supervised),
-  then on its questions asked one at a time (`one_question_each`), each phase mixed with the text of
-  `language_corpus` (the suite's instructions, answers and evaluation prompts, each alone, every token learned:
-  the text pretraining an LLM has had), with the recipe two studies on a 2-core CPU found to work
-  (shared/platform-notes.md): patch-aligned cells, dense supervision, AdamW lr 2e-3, betas (0.9, 0.98), weight
-  decay 0.01, clipping 1.0, batch 32, 5 % warm-up, cosine decay to 5 %. Batches are drawn from length-sorted
-  pools so that little of each step is padding;
+- stage 1: freezes the tower and the projector and trains the language model in three phases: on the suite's
+  `pretrain.json` (several question/answer pairs and a description per image, every answer supervised), then on
+  the one lookup the conversations leave unformed (colour of a shape named) asked alone, then on all its
+  questions asked one at a time (`one_question_each`), every kind equally often (`balanced_by_kind`); each phase
+  is mixed with the text of `language_corpus` (the suite's instructions, answers and evaluation prompts, each
+  alone, every token learned: the text pretraining an LLM has had), with the recipe two studies on a 2-core CPU
+  found to work (shared/platform-notes.md): patch-aligned cells, dense supervision, AdamW lr 2e-3, betas
+  (0.9, 0.98), weight decay 0.01, clipping 1.0, batch 32, 5 % warm-up, cosine decay to 5 %. Batches are drawn
+  from length-sorted pools so that little of each step is padding;
 then measures held-out accuracy per skill on `pretrain_eval.json`, and saves the model in Hugging Face format
-with `base_eval.json` beside it. Results are cached by a content hash of the suite's files, the recipe and the
-code version.
+with `base_eval.json` beside it. Results are cached by a content hash of the suite's files and the recipe
+(`content_hash`); the base the project ships (`synth.shipped`) serves the suite and recipe it was trained for.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,14 +34,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__, vlm
+from .. import vlm
 from ..data import InstructionCollator, InstructionDataset, Record, Turn, load_records
 from ..data.records import IMAGE_MARKER
-from .suite import DESCRIBE
+from . import shipped
+from .suite import DESCRIBE, question_kind
 from .vision import VisionPretrainConfig, pretrain_vision
 
-# Part of the cache key: bump it whenever the recipe's code changes what a base learns (template, loop, eval).
-RECIPE_VERSION = 6
+# Part of the cache key (the package's version is not: a release that leaves the recipe alone keeps its cached and
+# shipped bases). Bump it whenever the code changes what a base learns (template, loop, eval), then `make
+# shipped-base`.
+RECIPE_VERSION = 7
 BASE_SPEC = vlm.TinySpec(image_size=32, patch_size=16, vision_hidden=96, vision_layers=2, vision_heads=4,
                          vision_intermediate=384, text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2,
                          intermediate=384, vocab_size=1024, vision_feature_layer=-1)
@@ -65,12 +70,21 @@ class PretrainConfig:
     # seed, 2,000 steps, stage 0 without its cell head) "is the <colour> <shape> small or large ?" 0.77 -> 0.97,
     # existence 0.53 -> 0.75, and the first lookup learned in 1,000 steps instead of 1,500.
     freeze_projector: bool = True
-    # Stage 1 has two phases: `steps` on the conversations (warm-up, cosine decay), then `question_steps` on their
-    # questions asked one at a time (one_question_each; the descriptions stay in the first phase), at a constant
-    # rate after a warm-up. Measured: colour-of-shape 0.66 -> 0.89 and digit 0.92 -> 0.83 on seed 0; on seed 1 the
-    # lookup by shape did not form (0.51): the phase helps, it does not guarantee (BENCHMARKS.md).
+    # Stage 1 has three phases, each mixed with the language corpus (BENCHMARKS.md, "Three phases"):
+    # 1. `steps` on the conversations (warm-up, cosine decay to `final_lr_ratio`);
+    # 2. `focus_steps` on the questions of kind `focus_kind` asked one at a time (one_question_each), at a constant
+    #    `question_learning_rate` after a warm-up. The lookup by shape ("what colour is the triangle ?") is the one
+    #    the conversations leave unformed (0.51-0.66 after them); alone, it forms (seed 1: 0.51 -> 0.89), while
+    #    the other lookups fade (shape-of-colour 0.42, digit 0.36, word 0.13);
+    # 3. `question_steps` on every single question, each kind as often as the most common one
+    #    (`balanced_by_kind`; the descriptions stay in phase 1), at `question_learning_rate` with cosine decay to
+    #    `question_final_lr_ratio`: the faded lookups come back and the focused one stays. Seeds 0, 1, 2: every
+    #    skill but position (0.74-0.80) at 0.84 or more; phase 3 alone (seed 1) left colour at 0.57.
+    focus_steps: int = 800
+    focus_kind: str = "colour"
     question_steps: int = 1000
     question_learning_rate: float = 1e-3
+    question_final_lr_ratio: float = 0.05
 
 
 def cache_dir() -> Path:
@@ -84,7 +98,7 @@ def content_hash(suite: Path, config: PretrainConfig) -> str:
         digest.update((suite / name).read_bytes())
     digest.update("\n".join(language_corpus(suite)).encode())
     digest.update(json.dumps(asdict(config), sort_keys=True, default=str).encode())
-    digest.update(f"{__version__}/{RECIPE_VERSION}".encode())
+    digest.update(f"recipe {RECIPE_VERSION}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -144,7 +158,7 @@ def _tokenizer_corpus(suite: Path, language: list[str]) -> list[str]:
 def one_question_each(records: list[Record]) -> list[Record]:
     """Each question/answer pair of each record as a record of its own, asked right after the image.
 
-    Stage 1's second phase (measured on the seed-0 suite, BENCHMARKS.md): after 4,000 steps of conversations,
+    Stage 1's later phases (measured on the seed-0 suite, BENCHMARKS.md): after 4,000 steps of conversations,
     "what colour is the triangle ?" (the lookup by shape) was at 0.66, and had stayed at 0.58-0.66 since step
     1,000; 1,000 steps on single questions took it to 0.89 (seed 0; on seed 1 it stayed at 0.51). A likely
     reason: in a conversation most questions follow others (71 %), and 30 % of them are answered by an earlier
@@ -162,6 +176,19 @@ def one_question_each(records: list[Record]) -> list[Record]:
     return singles
 
 
+def balanced_by_kind(kinds: list[str], rng: random.Random) -> list[int]:
+    """Indexes into `kinds` with every kind as often as the most common one: each kind's indexes repeated whole as
+    many times as fit, the rest drawn without replacement. Kinds in order of first appearance, indexes in order."""
+    by_kind: dict[str, list[int]] = {}
+    for index, kind in enumerate(kinds):
+        by_kind.setdefault(kind, []).append(index)
+    most = max(map(len, by_kind.values()), default=0)
+    chosen = []
+    for indexes in by_kind.values():
+        chosen += indexes * (most // len(indexes)) + rng.sample(indexes, most % len(indexes))
+    return chosen
+
+
 def text_items(texts: list[str], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
     """Text-only training items, every token learned (the end token too)."""
     items = []
@@ -175,6 +202,14 @@ def text_items(texts: list[str], tokenizer: Any, max_length: int) -> list[dict[s
 def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 200) -> dict[str, Any]:
     """Build and train the base in `out` (stage 0, then stage 1); returns training statistics."""
     torch.manual_seed(config.seed)
+    records, _ = load_records(suite / "pretrain.json", suite / "images")
+    # The descriptions stay in the first phase: asked alone, they slowed the lookup by shape down (from the
+    # same base, 600 steps: colour-of-shape 0.72 with them, 0.86 without; one seed).
+    questions = [r for r in one_question_each(records) if not r.conversations[0].text.endswith(DESCRIBE)]
+    kinds = [question_kind(r.conversations[0].text) for r in questions]
+    if config.focus_steps and config.focus_kind not in kinds:
+        raise ValueError(f"focus_kind {config.focus_kind!r} is no question kind of {suite / 'pretrain.json'}; "
+                         f"its kinds: {sorted(set(kinds))}")
     language = language_corpus(suite)  # read once: it parses every evaluation file of the suite
     vlm.tiny(out, config.spec, corpus=_tokenizer_corpus(suite, language))
     model, processor = vlm.load(out)
@@ -185,20 +220,25 @@ def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 
         model.model.vision_tower.requires_grad_(False)
     if config.freeze_projector:
         model.model.multi_modal_projector.requires_grad_(False)
-    records, _ = load_records(suite / "pretrain.json", suite / "images")
     text = text_items(language, processor.tokenizer, config.max_length)
     stats: dict[str, Any] = {"vision": vision}
-    # The descriptions stay in the first phase: asked alone, they slowed the lookup by shape down (from the
-    # same base, 600 steps: colour-of-shape 0.72 with them, 0.86 without; one seed).
-    questions = [r for r in one_question_each(records) if not r.conversations[0].text.endswith(DESCRIBE)]
-    phases = (("conversations", records, config.steps, config.learning_rate, config.final_lr_ratio),
-              ("questions", questions, config.question_steps, config.question_learning_rate, 1.0))
-    for name, phase_records, steps, learning_rate, final_lr_ratio in phases:
-        if steps:
-            dataset = InstructionDataset(phase_records, processor, template="plain", max_length=config.max_length)
-            items = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"encoding {name}", unit="rec")] + text
-            stats[name] = train_language_model(model, processor, items, steps, learning_rate, final_lr_ratio, config,
-                                               name, log_every)
+    datasets = {source: InstructionDataset(source_records, processor, template="plain", max_length=config.max_length)
+                for source, source_records in (("conversations", records), ("questions", questions))}
+    phases = (("conversations", "conversations", list(range(len(records))), config.steps, config.learning_rate,
+               config.final_lr_ratio),
+              ("focus", "questions", [i for i, kind in enumerate(kinds) if kind == config.focus_kind],
+               config.focus_steps, config.question_learning_rate, 1.0),
+              ("questions", "questions", balanced_by_kind(kinds, random.Random(config.seed)), config.question_steps,
+               config.question_learning_rate, config.question_final_lr_ratio))
+    encoded: dict[tuple[str, int], dict[str, Any]] = {}  # each record encoded once, whichever phases use it
+    for name, source, chosen, steps, learning_rate, final_lr_ratio in phases:
+        if not steps:
+            continue
+        for key in tqdm(sorted({(source, i) for i in chosen} - encoded.keys()), desc=f"encoding {name}", unit="rec"):
+            encoded[key] = datasets[source][key[1]]
+        items = [encoded[source, i] for i in chosen] + text
+        stats[name] = train_language_model(model, processor, items, steps, learning_rate, final_lr_ratio, config,
+                                           name, log_every)
     model.save_pretrained(out)
     return stats
 
@@ -254,7 +294,9 @@ def evaluate_base(model: Any, processor: Any, eval_file: Path, image_folder: Pat
 
 def pretrain_base(suite_dir: str | Path, out_dir: str | Path, config: PretrainConfig | None = None,
                   use_cache: bool = True) -> Path:
-    """The pretrained base for a suite, trained once per content hash and copied to `out_dir`."""
+    """The pretrained base for a suite, copied to `out_dir`: from the cache (keyed by `content_hash`), else the
+    shipped base if it was trained for the same key (`synth.shipped`), else trained now and cached. With
+    `use_cache=False` it is trained whatever the cache and the shipped base hold."""
     suite, out = Path(suite_dir), Path(out_dir)
     config = config or PretrainConfig()
     key = content_hash(suite, config)
@@ -262,16 +304,20 @@ def pretrain_base(suite_dir: str | Path, out_dir: str | Path, config: PretrainCo
     if not (use_cache and (cached / "base_eval.json").exists()):
         staging = cached.with_name(f".{key}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        stats = train_base(suite, staging, config)
-        model, processor = vlm.load(staging)
-        skills = evaluate_base(model, processor, suite / "pretrain_eval.json", suite / "images",
-                               staging / "base_eval_predictions.jsonl", config.eval_batch_size)
-        report = {"key": key, "training": stats, "skills": skills, "config": asdict(config)}
-        (staging / "base_eval.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if use_cache and (found := shipped.find_shipped(key)) is not None:
+            tqdm.write(f"[cmlora] using the shipped base {found} (trained for this suite and recipe by: "
+                       + " && ".join(shipped.read_manifest(found)["commands"]) + ")")
+            shipped.install(found, staging)
+        else:
+            stats = train_base(suite, staging, config)
+            model, processor = vlm.load(staging)
+            skills = evaluate_base(model, processor, suite / "pretrain_eval.json", suite / "images",
+                                   staging / "base_eval_predictions.jsonl", config.eval_batch_size)
+            report = {"key": key, "training": stats, "skills": skills, "config": asdict(config)}
+            (staging / "base_eval.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         shutil.rmtree(cached, ignore_errors=True)
         staging.rename(cached)
     if out.resolve() != cached.resolve():
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(cached, out)
     return out
-

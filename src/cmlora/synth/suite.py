@@ -189,6 +189,38 @@ def pretrain_questions(scene: Scene, rng: random.Random) -> dict[str, list[tuple
     return {skill: pairs for skill, pairs in found.items() if pairs}
 
 
+# The opening words of each template of `pretrain_questions` (and the description), and its skill.
+_QUESTION_OPENINGS = (("what colour is the ", "colour"), ("what shape is the ", "shape"),
+                      ("how many objects are there", "count"), ("where is the ", "position"),
+                      ("is there a ", "existence"), ("what style is the image", "style"),
+                      ("what digit is at the ", "digit"), ("what letter is at the ", "letter"),
+                      ("what word is written", "word"), (DESCRIBE, "description"))
+
+
+def question_kind(question: str) -> str:
+    """The kind of a pretraining question: its skill, and for 'where is ... ?' and 'is ... small or large ?' how
+    the object is named ('position by shape', 'size by colour', 'size by colour and shape'), since each way of
+    naming is a lookup of its own for the model to learn. Raises ValueError for text no template writes."""
+    text = question.replace("<image>", "").strip()
+    if text.startswith("is the ") and text.endswith(" small or large ?"):
+        skill, name = "size", text[len("is the "):-len(" small or large ?")]
+    else:
+        skill = next((skill for opening, skill in _QUESTION_OPENINGS if text.startswith(opening)), None)
+        if skill is None:
+            raise ValueError(f"not a pretraining question of the suite: {question!r}")
+        if skill != "position":
+            return skill
+        name = text[len("where is the "):].removesuffix(" ?")
+    if name in SHAPES:
+        return f"{skill} by shape"
+    if name.endswith(" object") and name[:-len(" object")] in COLOURS:
+        return f"{skill} by colour"
+    colour, _, shape = name.partition(" ")
+    if colour in COLOURS and shape in SHAPES:
+        return f"{skill} by colour and shape"
+    raise ValueError(f"not a pretraining question of the suite: {question!r}")
+
+
 def write_pretrain(writer: Writer, seed: int, grid: int, images: int, eval_per_skill: int) -> dict[str, Any]:
     sampler = Sampler(stream(seed, "pretrain"), grid)
     rng = sampler.rng

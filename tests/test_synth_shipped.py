@@ -1,0 +1,92 @@
+"""The shipped base: written by `ship`, found only for its content key, checked by hash, installed by
+`pretrain_base` instead of training."""
+
+import json
+
+import pytest
+
+from cmlora import vlm
+from cmlora.synth import base as base_module
+from cmlora.synth import shipped, write_suite
+from cmlora.synth.base import PretrainConfig, content_hash, pretrain_base
+
+MINI = {"train_per_task": 2, "eval_per_task": 2, "mme_images_per_subtask": 1, "pretrain_images": 12,
+        "pretrain_eval_per_skill": 1}
+
+
+def fake_base(folder, key):
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text("{}")
+    (folder / "base_eval.json").write_text(json.dumps({"key": key, "skills": {"colour": {"accuracy": 0.9}}}))
+    (folder / "base_eval_predictions.jsonl").write_text("{}\n")
+    return folder
+
+
+def test_ship_records_key_commands_and_hashes_and_find_checks_them(tmp_path):
+    root = tmp_path / "shipped_base"
+    manifest = shipped.ship(fake_base(tmp_path / "base", "k1"), ["cmlora synth --out suite --seed 0"], root)
+    assert manifest["key"] == "k1" and manifest["skills"] == {"colour": 0.9}
+    assert set(manifest["sha256"]) == {"model.safetensors", "config.json", "base_eval.json"}  # no predictions
+    assert sorted(p.name for p in root.iterdir()) == ["SHIPPED.json", "base_eval.json", "config.json",
+                                                      "model.safetensors"]
+    assert shipped.find_shipped("k1", root) == root and shipped.find_shipped("k2", root) is None
+    assert shipped.find_shipped("k1", tmp_path / "nothing") is None
+    (root / "model.safetensors").write_bytes(b"weightz")
+    with pytest.raises(ValueError, match=r"model.safetensors: sha256 \w+, but .*SHIPPED.json records"):
+        shipped.find_shipped("k1", root)
+    (root / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="sha256 missing"):
+        shipped.find_shipped("k1", root)
+
+
+@pytest.fixture
+def suite(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMLORA_CACHE", str(tmp_path / "cache"))
+    write_suite(tmp_path / "suite", 0, **MINI)
+    return tmp_path / "suite"
+
+
+def test_pretrain_base_installs_the_shipped_base_for_its_key_and_trains_otherwise(suite, tmp_path, monkeypatch):
+    config = PretrainConfig()
+    root = tmp_path / "shipped_base"
+    shipped.ship(fake_base(tmp_path / "base", content_hash(suite, config)), ["cmd 1", "cmd 2"], root)
+    monkeypatch.setattr(shipped, "SHIPPED", root)
+    trained = []
+
+    def train(suite, out, config):
+        trained.append(config.seed)
+        raise RuntimeError("trained")
+
+    monkeypatch.setattr(base_module, "train_base", train)
+    out = pretrain_base(suite, tmp_path / "out", config)
+    assert (out / "model.safetensors").read_bytes() == b"weights" and (out / "SHIPPED.json").exists()
+    assert trained == []
+    for other, use_cache in ((PretrainConfig(seed=1), True), (config, False)):  # another key; --no-cache
+        with pytest.raises(RuntimeError, match="trained"):
+            pretrain_base(suite, tmp_path / "out2", other, use_cache=use_cache)
+    assert trained == [1, 0]
+
+
+def test_the_shipped_base_is_whole_and_loads():
+    manifest = shipped.read_manifest()
+    if manifest is None:
+        pytest.skip("no shipped base in this checkout")
+    assert shipped.find_shipped(manifest["key"]) == shipped.SHIPPED  # every file's hash checked
+    assert any(command.startswith("cmlora pretrain-base") for command in manifest["commands"])
+    model, processor = vlm.load(shipped.SHIPPED)
+    assert json.loads((shipped.SHIPPED / "base_eval.json").read_text())["key"] == manifest["key"]
+    assert model.config.vision_feature_layer == -1 and processor.tokenizer is not None
+
+
+@pytest.mark.slow
+def test_the_shipped_base_serves_the_default_suite(tmp_path):
+    """The suite `cmlora synth --out suite --seed 0` writes and the default recipe have the key the shipped base
+    was trained for: a change to the generator or the recipe without `make shipped-base` fails here."""
+    from cmlora.cli import main
+
+    manifest = shipped.read_manifest()
+    if manifest is None:
+        pytest.skip("no shipped base in this checkout")
+    main(["synth", "--out", str(tmp_path / "suite"), "--seed", "0"])
+    assert content_hash(tmp_path / "suite", PretrainConfig()) == manifest["key"]
