@@ -138,6 +138,33 @@ def test_corrupt_image_names_file_and_record_and_validate_skips_it(tiny, records
     assert skipping.task_names == ["color", "count", "unknown"]  # the vocabulary does not shrink with the records
 
 
+def test_keep_encoded_encodes_each_kept_record_once(tiny, records, tmp_path, monkeypatch):
+    _, processor = tiny
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    bad_image = Record("bad", [Turn("user", "<image>\nq"), Turn("assistant", "a")], broken, "count", "f.jsonl:9")
+    mixed = [records[0], bad_image, records[1], records[2]]
+    dataset = InstructionDataset(mixed, processor, skip_bad_records=True, keep_encoded=True)
+    fresh = InstructionDataset(mixed, processor, skip_bad_records=True)
+    encoded = []
+    encode = InstructionDataset.encode
+    monkeypatch.setattr(InstructionDataset, "encode", lambda self, record: encoded.append(record.id) or encode(self,
+                                                                                                          record))
+    dataset[2]  # kept, then dropped by validate: indexes shift when the bad record goes
+    dataset.validate()
+    fresh.validate()
+    assert encoded == ["r1", "r0", "bad", "r1", "r2"] + ["r0", "bad", "r1", "r2"]
+    encoded.clear()
+    for _ in range(2):  # two epochs
+        for index in range(len(dataset)):
+            item, expected = dataset[index], fresh[index]
+            assert item["id"] == expected["id"] == dataset.records[index].id
+            assert torch.equal(item["input_ids"], expected["input_ids"])
+            pixels = (item["pixel_values"], expected["pixel_values"])
+            assert pixels == (None, None) or torch.equal(*pixels)
+    assert encoded == ["r0", "r1", "r2"] * 2  # only the dataset without keep_encoded encoded again
+
+
 def test_collator_pads_right_and_keeps_only_model_inputs(tiny, records):
     _, processor = tiny
     dataset = InstructionDataset(records, processor)

@@ -50,6 +50,9 @@ class TrainConfig:
         "help": "Conversation template: vicuna_v1, chat, or auto (vicuna_v1 for LLaVA, else chat)."})
     max_length: int = field(default=1792, metadata={"help": "Truncate examples to this many tokens."})
     skip_bad_records: bool = field(default=False, metadata={"help": "Skip and count bad records, not fail."})
+    keep_encoded: bool = field(default=False, metadata={
+        "help": "Keep every encoded record (image pixels included) in memory after the first epoch's check, so "
+                "later epochs skip image loading and tokenizing; for datasets that fit in memory."})
     replay_data: str | None = field(default=None, metadata={
         "help": "Records mixed into the training set against forgetting, e.g. the base's pretraining conversations "
                 "(same formats as data; images resolved against image_folder)."})
@@ -300,7 +303,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
     template = resolve_template(config.template, model, processor)
     print(f"[cmlora] conversation template: {template}")
     dataset = InstructionDataset(records, processor, template=template, max_length=config.max_length,
-                                 skip_bad_records=config.skip_bad_records)
+                                 skip_bad_records=config.skip_bad_records, keep_encoded=config.keep_encoded)
     skipped_in_dataset = dataset.validate()
     skip_counts = {**skipped.counts}
     for reason, count in skipped_in_dataset.counts.items():

@@ -55,7 +55,7 @@ class InstructionDataset(Dataset):
 
     def __init__(self, records: Sequence[Record], processor: Any, *, template: str = "vicuna_v1",
                  max_length: int = 2048, task_names: list[str] | None = None,
-                 skip_bad_records: bool = False) -> None:
+                 skip_bad_records: bool = False, keep_encoded: bool = False) -> None:
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
         if max_length < 1:
@@ -66,6 +66,9 @@ class InstructionDataset(Dataset):
         self.max_length = max_length
         self.skip_bad_records = skip_bad_records
         self.lengths: list[int] | None = None  # set by validate()
+        # keep_encoded: each record is encoded once (by validate() or its first __getitem__) and kept in memory, so
+        # that later epochs do not load and process its image again; costs the items' memory (pixel values).
+        self._encoded: dict[int, dict[str, Any]] | None = {} if keep_encoded else None
         self.task_names = list(task_names) if task_names is not None else sorted({_task(r) for r in self.records})
         self._task_index = {name: index for index, name in enumerate(self.task_names)}
         for record in self.records:
@@ -87,7 +90,11 @@ class InstructionDataset(Dataset):
         return self._task_index[name]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.encode(self.records[index])
+        if self._encoded is None:
+            return self.encode(self.records[index])
+        if index not in self._encoded:
+            self._encoded[index] = self.encode(self.records[index])
+        return self._encoded[index]
 
     def encode(self, record: Record) -> dict[str, Any]:
         """One record as a training item; DataError naming the record if its image or length makes it unusable."""
@@ -128,6 +135,8 @@ class InstructionDataset(Dataset):
         batches)."""
         report = SkipReport()
         kept, lengths = [], []
+        if self._encoded is not None:
+            self._encoded = {}  # indexes change when bad records are removed
         for record in tqdm(self.records, desc="checking records", unit="record", disable=None):
             try:
                 item = self.encode(record)
@@ -138,6 +147,8 @@ class InstructionDataset(Dataset):
                 continue
             kept.append(record)
             lengths.append(len(item["input_ids"]))
+            if self._encoded is not None:
+                self._encoded[len(kept) - 1] = item
         if not kept:
             raise DataError(f"no usable records left after validation.\n{report.summary()}", "no records")
         self.records, self.lengths = kept, lengths
