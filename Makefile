@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/layer.py
 
 # Retrain the base the package ships (src/cmlora/synth/shipped_base) on the default suite, from scratch: after
-# any change to the suite generator or to the recipe (RECIPE_VERSION). About 16 minutes on 2 CPU cores.
+# any change to the suite generator or to the recipe (RECIPE_VERSION). About 12 minutes on 2 CPU cores.
 SHIP := runs/shipped-base
 shipped-base: $(STAMP)
 	$(BIN)/cmlora synth --out $(SHIP)/suite --seed 0

@@ -47,6 +47,13 @@ def suite(tmp_path, monkeypatch):
     return tmp_path / "suite"
 
 
+def test_the_content_key_does_not_depend_on_the_suites_folder_name(suite, tmp_path):
+    write_suite(tmp_path / "elsewhere", 0, **MINI)
+    assert content_hash(tmp_path / "elsewhere", PretrainConfig()) == content_hash(suite, PretrainConfig())
+    write_suite(tmp_path / "seed1", 1, **MINI)
+    assert content_hash(tmp_path / "seed1", PretrainConfig()) != content_hash(suite, PretrainConfig())
+
+
 def test_pretrain_base_installs_the_shipped_base_for_its_key_and_trains_otherwise(suite, tmp_path, monkeypatch):
     config = PretrainConfig()
     root = tmp_path / "shipped_base"
@@ -88,5 +95,5 @@ def test_the_shipped_base_serves_the_default_suite(tmp_path):
     manifest = shipped.read_manifest()
     if manifest is None:
         pytest.skip("no shipped base in this checkout")
-    main(["synth", "--out", str(tmp_path / "suite"), "--seed", "0"])
-    assert content_hash(tmp_path / "suite", PretrainConfig()) == manifest["key"]
+    main(["synth", "--out", str(tmp_path / "my-suite"), "--seed", "0"])  # any folder name
+    assert content_hash(tmp_path / "my-suite", PretrainConfig()) == manifest["key"]

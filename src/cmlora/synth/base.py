@@ -94,8 +94,13 @@ def cache_dir() -> Path:
 def content_hash(suite: Path, config: PretrainConfig) -> str:
     digest = hashlib.sha256()
     for name in ("pretrain.json", "pretrain_eval.json", "manifest.json", "scenes.jsonl"):
+        data = (suite / name).read_bytes()
+        if name == "manifest.json":  # its command names the suite's folder, which changes nothing in a base
+            manifest = json.loads(data)
+            manifest.pop("command", None)
+            data = json.dumps(manifest, sort_keys=True).encode()
         digest.update(name.encode())
-        digest.update((suite / name).read_bytes())
+        digest.update(data)
     digest.update("\n".join(language_corpus(suite)).encode())
     digest.update(json.dumps(asdict(config), sort_keys=True, default=str).encode())
     digest.update(f"recipe {RECIPE_VERSION}".encode())
