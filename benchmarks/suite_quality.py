@@ -8,6 +8,9 @@ finally `cmlora interference` on the LoRA run (first-order form). Prints one JSO
 benchmarks/results/suite_quality.json.
 
     python benchmarks/suite_quality.py --suite suite --out runs/quality --seeds 0 1 2
+
+`--bases DIR` starts from bases trained before (`DIR/base-s<seed>`, as written by `cmlora pretrain-base`) instead
+of pretraining them, and reports the wall time their `base_eval.json` does not hold as null.
 """
 
 from __future__ import annotations
@@ -37,16 +40,18 @@ def mme_acc(scores: dict) -> dict[str, float]:
     return {name: round(value["acc"], 3) for name, value in scores["mme"]["subtasks"].items()}
 
 
-def one_seed(suite: Path, out: Path, seed: int, interference_tasks: str | None) -> dict:
-    base, run = out / f"base-s{seed}", out / f"lora-s{seed}"
-    result: dict = {"seed": seed}
-    result["base_seconds"] = cmlora("pretrain-base", "--suite", str(suite), "--out", str(base), "--seed", str(seed),
-                                    "--no-cache")
+def one_seed(suite: Path, out: Path, seed: int, interference_tasks: str | None, bases: Path | None = None) -> dict:
+    base, run = (bases or out) / f"base-s{seed}", out / f"lora-s{seed}"
+    result: dict = {"seed": seed, "base_seconds": None}
+    if bases is None:
+        result["base_seconds"] = cmlora("pretrain-base", "--suite", str(suite), "--out", str(base), "--seed",
+                                        str(seed), "--no-cache")
     result["base"] = {k: round(v["accuracy"], 3)
                       for k, v in json.loads((base / "base_eval.json").read_text())["skills"].items()}
     result["lora_seconds"] = cmlora("train", "--config", str(ROOT / "configs/suite_lora.yaml"), "--model", str(base),
                                     "--data", str(suite / "train.json"), "--image_folder", str(suite / "images"),
                                     "--output_dir", str(run), "--seed", str(seed))
+    result["lora_train_runtime"] = round(json.loads((run / "metrics.json").read_text())["train_runtime"], 1)
     images = ["--heldout-images", str(suite / "images"), "--batch-size", "64"]
     for name, file in (("train_tasks", "train_eval.json"), ("base_skills_after", "pretrain_eval.json")):
         cmlora("eval", "--run", str(run), "--heldout", str(suite / file), *images, "--out", str(run / f"eval-{name}"))
@@ -75,8 +80,10 @@ def main() -> None:
     parser.add_argument("--interference-tasks", default="count_objects_digit,count_objects_word,exists_yes_no,"
                         "exists_true_false,read_digit,digit_word")
     parser.add_argument("--results", default=str(ROOT / "benchmarks/results/suite_quality.json"))
+    parser.add_argument("--bases", type=Path, default=None, help="use DIR/base-s<seed> instead of pretraining")
     args = parser.parse_args()
-    results = [one_seed(Path(args.suite), Path(args.out), seed, args.interference_tasks) for seed in args.seeds]
+    results = [one_seed(Path(args.suite), Path(args.out), seed, args.interference_tasks, args.bases)
+               for seed in args.seeds]
     text = json.dumps({"suite": str(args.suite), "runs": results}, indent=1)
     Path(args.results).write_text(text + "\n")
     print(text)
