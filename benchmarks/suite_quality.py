@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,9 +50,11 @@ def one_seed(suite: Path, out: Path, seed: int, interference_tasks: str | None, 
                                         str(seed), "--no-cache")
     result["base"] = {k: round(v["accuracy"], 3)
                       for k, v in json.loads((base / "base_eval.json").read_text())["skills"].items()}
+    config = yaml.safe_load((ROOT / "configs/suite_lora.yaml").read_text())
+    replay = ["--replay_data", str(suite / "pretrain.json")] if config.get("replay_data") else []
     result["lora_seconds"] = cmlora("train", "--config", str(ROOT / "configs/suite_lora.yaml"), "--model", str(base),
                                     "--data", str(suite / "train.json"), "--image_folder", str(suite / "images"),
-                                    "--output_dir", str(run), "--seed", str(seed))
+                                    "--output_dir", str(run), "--seed", str(seed), *replay)
     result["lora_train_runtime"] = round(json.loads((run / "metrics.json").read_text())["train_runtime"], 1)
     images = ["--heldout-images", str(suite / "images"), "--batch-size", "64"]
     for name, file in (("train_tasks", "train_eval.json"), ("base_skills_after", "pretrain_eval.json")):

@@ -210,7 +210,7 @@ def test_text_items_learn_every_token(tmp_path):
 
 def test_one_question_each_asks_every_question_right_after_the_image(tmp_path):
     from cmlora.data import Record
-    from cmlora.synth.base import one_question_each
+    from cmlora.data.records import one_question_each
 
     image = tmp_path / "x.png"
     record = Record("p1", [Turn("user", "<image>\nwhat colour is the square ?"), Turn("assistant", "red"),

@@ -173,6 +173,29 @@ def test_replay_mixes_a_seeded_share_of_another_file_into_training(workspace):
     assert json.loads((run / "task_names.json").read_text()) == ["colour", "pretrain", "yes_no"]
 
 
+def test_replay_single_turns_replays_each_question_as_a_record_of_its_own(workspace):
+    from cmlora.data import load_records
+    from cmlora.train import replay_records
+
+    root, _, _ = workspace
+    conversations = [{"id": f"c{i}", "image": "img0.png", "task_name": "pretrain", "conversations": [
+        {"from": "human", "value": "<image>\nwhat colour is it ?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "describe the image ."}, {"from": "gpt", "value": "a large red square ."}]}
+        for i in range(3)]
+    (root / "conversations.json").write_text(json.dumps(conversations))
+    config = tiny_config(workspace, "single", replay_data=str(root / "conversations.json"), replay_fraction=0.375,
+                         replay_single_turns=True)
+    records, _ = load_records(config.data, config.image_folder)
+    drawn = replay_records(config, records)
+    assert len(drawn) == 6 and {r.id for r in drawn} == {f"c{i}#{k}" for i in range(3) for k in range(2)}
+    for record in drawn:
+        assert len(record.conversations) == 2 and record.image is not None
+        assert record.conversations[0].text in ("<image>\nwhat colour is it ?", "<image>\ndescribe the image .")
+    whole = replay_records(tiny_config(workspace, "whole", replay_data=str(root / "conversations.json"),
+                                       replay_fraction=0.1875), records)
+    assert sorted(r.id for r in whole) == ["c0", "c1", "c2"] and len(whole[0].conversations) == 4
+
+
 def mixed_batches_per_epoch(workspace, name, group_by_length):
     """How many of one epoch's training batches (of 2) mix a short record with a long one: 64 short records and 64
     long replay records (40 more answer tokens)."""
@@ -199,3 +222,11 @@ def test_group_by_length_batches_records_of_similar_length(workspace):
     # each of the 4 pools; random batches of a half-short, half-long set mix about half the time.
     assert mixed_batches_per_epoch(workspace, "grouped", True) <= 4 < 20 < mixed_batches_per_epoch(
         workspace, "shuffled", False)
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "suite_lora.yaml", "llava7b_lora.yaml", "llava7b_mixlora.yaml"])
+def test_the_shipped_configs_load(name):
+    from cmlora.train import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert config.r > 0 and config.learning_rate > 0

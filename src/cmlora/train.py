@@ -58,6 +58,9 @@ class TrainConfig:
                 "(same formats as data; images resolved against image_folder)."})
     replay_fraction: float = field(default=0.1, metadata={
         "help": "How many replay_data records to mix in, as a share of the training records (drawn once, with seed)."})
+    replay_single_turns: bool = field(default=False, metadata={
+        "help": "Replay each question/answer pair of replay_data as a record of its own, right after its image "
+                "(short records: long replayed conversations pad every random batch they fall in)."})
     group_by_length: bool = field(default=False, metadata={
         "help": "Batch records of similar token length together (transformers' LengthGroupedSampler): less "
                 "padding where lengths vary, e.g. short tasks mixed with long replay conversations."})
@@ -336,11 +339,15 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
 
 
 def replay_records(config: TrainConfig, records: list[Any]) -> list[Any]:
-    """`replay_fraction` x len(records) records of `replay_data`, drawn without replacement with the run's seed
-    (the same on every process of a distributed run)."""
+    """`replay_fraction` x len(records) records of `replay_data` (with `replay_single_turns`, of its question/answer
+    pairs, each a record), drawn without replacement with the run's seed (the same on every process of a
+    distributed run)."""
     from .data import DataError, load_records
+    from .data.records import one_question_each
 
     replay, _ = load_records(config.replay_data, config.image_folder)
+    if config.replay_single_turns:
+        replay = one_question_each(replay)
     wanted = round(config.replay_fraction * len(records))
     if wanted > len(replay):
         raise DataError(f"{config.replay_data}: replay_fraction {config.replay_fraction} asks for {wanted} records "

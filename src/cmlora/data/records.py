@@ -79,6 +79,21 @@ class SkipReport:
         return self.total > 0
 
 
+def one_question_each(records: list[Record]) -> list[Record]:
+    """Each question/answer pair of each record as a record of its own (id `<id>#<k>`), asked right after the
+    record's image: short single-question records from multi-turn conversations (stage 1 of the tiny base;
+    replayed conversations in `cmlora train --replay_single_turns`). A trailing unanswered turn is dropped."""
+    singles = []
+    for record in records:
+        turns = record.conversations
+        for index in range(0, len(turns) - 1, 2):
+            question = turns[index].text.replace(IMAGE_MARKER, "").strip()
+            first = Turn("user", f"{IMAGE_MARKER}\n{question}" if record.image is not None else question)
+            singles.append(Record(f"{record.id}#{index // 2}", [first, turns[index + 1]], record.image,
+                                  record.task_name, record.source))
+    return singles
+
+
 def record_error(source: str, record_id: str | None, field_name: str, problem: str, reason: str) -> DataError:
     """A DataError in the one format every record check uses: where, which record, which field, what to do."""
     who = f"record {record_id!r}" if record_id is not None else "record without an id"

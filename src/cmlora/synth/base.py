@@ -35,8 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import vlm
-from ..data import InstructionCollator, InstructionDataset, Record, Turn, load_records
-from ..data.records import IMAGE_MARKER
+from ..data import InstructionCollator, InstructionDataset, load_records
+from ..data.records import IMAGE_MARKER, one_question_each
 from . import shipped
 from .suite import DESCRIBE, question_kind
 from .vision import VisionPretrainConfig, pretrain_vision
@@ -160,27 +160,6 @@ def _tokenizer_corpus(suite: Path, language: list[str]) -> list[str]:
     return texts + language
 
 
-def one_question_each(records: list[Record]) -> list[Record]:
-    """Each question/answer pair of each record as a record of its own, asked right after the image.
-
-    Stage 1's later phases (measured on the seed-0 suite, BENCHMARKS.md): after 4,000 steps of conversations,
-    "what colour is the triangle ?" (the lookup by shape) was at 0.66, and had stayed at 0.58-0.66 since step
-    1,000; 1,000 steps on single questions took it to 0.89 (seed 0; on seed 1 it stayed at 0.51). A likely
-    reason: in a conversation most questions follow others (71 %), and 30 % of them are answered by an earlier
-    turn's words, so the loss can be met without looking at the image; the evaluation, like every
-    instruction-tuning task, asks one question about a fresh image. Single questions from the start are no
-    cure either: the lookup by colour then never formed (shape-of-colour 0.57 after 4,000 steps)."""
-    singles = []
-    for record in records:
-        turns = record.conversations
-        for index in range(0, len(turns) - 1, 2):
-            question = turns[index].text.replace(IMAGE_MARKER, "").strip()
-            first = Turn("user", f"{IMAGE_MARKER}\n{question}" if record.image is not None else question)
-            singles.append(Record(f"{record.id}#{index // 2}", [first, turns[index + 1]], record.image,
-                                  record.task_name, record.source))
-    return singles
-
-
 def balanced_by_kind(kinds: list[str], rng: random.Random) -> list[int]:
     """Indexes into `kinds` with every kind as often as the most common one: each kind's indexes repeated whole as
     many times as fit, the rest drawn without replacement. Kinds in order of first appearance, indexes in order."""
@@ -208,8 +187,15 @@ def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 
     """Build and train the base in `out` (stage 0, then stage 1); returns training statistics."""
     torch.manual_seed(config.seed)
     records, _ = load_records(suite / "pretrain.json", suite / "images")
-    # The descriptions stay in the first phase: asked alone, they slowed the lookup by shape down (from the
-    # same base, 600 steps: colour-of-shape 0.72 with them, 0.86 without; one seed).
+    # Single questions (one_question_each), measured on the seed-0 suite (BENCHMARKS.md): after 4,000 steps of
+    # conversations, "what colour is the triangle ?" (the lookup by shape) was at 0.66, and had stayed at
+    # 0.58-0.66 since step 1,000; 1,000 steps on single questions took it to 0.89. A likely reason: in a
+    # conversation most questions follow others (71 %), and 30 % of them are answered by an earlier turn's words,
+    # so the loss can be met without looking at the image; the evaluation, like every instruction-tuning task,
+    # asks one question about a fresh image. Single questions from the start are no cure either: the lookup by
+    # colour then never formed (shape-of-colour 0.57 after 4,000 steps). The descriptions stay in the first
+    # phase: asked alone, they slowed the lookup by shape down (600 steps: colour-of-shape 0.72 with them, 0.86
+    # without; one seed).
     questions = [r for r in one_question_each(records) if not r.conversations[0].text.endswith(DESCRIBE)]
     kinds = [question_kind(r.conversations[0].text) for r in questions]
     if config.focus_steps and config.focus_kind not in kinds:
