@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..data.records import IMAGE_MARKER
 from . import eval_tasks as ev
 from . import train_tasks as tt
 from .scenes import (
@@ -201,7 +202,7 @@ def question_kind(question: str) -> str:
     """The kind of a pretraining question: its skill, and for 'where is ... ?' and 'is ... small or large ?' how
     the object is named ('position by shape', 'size by colour', 'size by colour and shape'), since each way of
     naming is a lookup of its own for the model to learn. Raises ValueError for text no template writes."""
-    text = question.replace("<image>", "").strip()
+    text = question.replace(IMAGE_MARKER, "").strip()
     if text.startswith("is the ") and text.endswith(" small or large ?"):
         skill, name = "size", text[len("is the "):-len(" small or large ?")]
     else:
