@@ -4,7 +4,7 @@ The base's weak lookups (finding one object among several by its shape or colour
 in its per-skill averages: images with one object are answered almost always, images with four far less often.
 This reads what `cmlora pretrain-base` wrote (`base_eval_predictions.jsonl`) and the suite it was trained on
 (`pretrain_eval.json`, `scenes.jsonl`); it trains and runs nothing. An answer counts as right as in
-`evaluate_base`: equal to the target after lower-casing and stripping.
+`evaluate_base` (`evaluation.heldout.exact_match`).
 
     python benchmarks/base_by_objects.py --base runs/suite-base --suite suite [--skills colour position]
 """
@@ -15,6 +15,8 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
+
+from cmlora.evaluation.heldout import exact_match
 
 
 def by_objects(base: Path, suite: Path) -> dict[str, dict[int, tuple[int, int]]]:
@@ -35,7 +37,7 @@ def by_objects(base: Path, suite: Path) -> dict[str, dict[int, tuple[int, int]]]
             raise KeyError(f"{path}, line {number}: uid {row['uid']!r} is not in {suite / 'pretrain_eval.json'}")
         scene = scenes[f"images/{record['image']}"]
         cell = counts[record["task_name"]][len(scene["items"])]
-        cell[0] += row["prediction"].strip().lower() == row["target"].strip().lower()
+        cell[0] += exact_match(row["prediction"], row["target"])
         cell[1] += 1
     return {skill: {n: (right, asked) for n, (right, asked) in sorted(cells.items())}
             for skill, cells in counts.items()}
