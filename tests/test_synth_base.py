@@ -12,7 +12,13 @@ from cmlora import vlm
 from cmlora.data import TEMPLATES, Turn
 from cmlora.synth import base as base_module
 from cmlora.synth import write_suite
-from cmlora.synth.base import PretrainConfig, balanced_by_kind, length_grouped_batches, pretrain_base
+from cmlora.synth.base import (
+    PretrainConfig,
+    balanced_by_kind,
+    length_grouped_batches,
+    pretrain_base,
+    train_language_model,
+)
 from cmlora.synth.scenes import COLOURS, SHAPES, SIZES, STYLES
 from cmlora.synth.suite import question_kind
 from cmlora.synth.vision import (
@@ -110,6 +116,8 @@ def test_an_unknown_focus_kind_fails_before_any_training(suite, tmp_path, monkey
     monkeypatch.setattr(base_module, "pretrain_vision", lambda *args: pytest.fail("stage 0 ran"))
     with pytest.raises(ValueError, match=r"focus_kind 'colour by shape' is no question kind of .*pretrain.json"):
         pretrain_base(suite, tmp_path / "base", PretrainConfig(focus_kind="colour by shape", spec=SMALL))
+    with pytest.raises(ValueError, match=r"locate_kind 'place' starts no question kind of .*pretrain.json"):
+        pretrain_base(suite, tmp_path / "base", PretrainConfig(locate_kind="place", spec=SMALL))
 
 
 def test_plain_template_has_no_system_prompt_and_no_roles():
@@ -121,7 +129,8 @@ def test_plain_template_has_no_system_prompt_and_no_roles():
 
 
 def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monkeypatch):
-    config = PretrainConfig(steps=30, focus_steps=10, question_steps=10, batch_size=8, spec=SMALL,
+    config = PretrainConfig(steps=30, focus_steps=10, question_steps=10, locate_steps=10, settle_steps=10,
+                            batch_size=8, spec=SMALL,
                             eval_batch_size=16, vision=VisionPretrainConfig(steps=5, batch_size=8, align_steps=5))
     after_stage0 = {}
 
@@ -130,14 +139,28 @@ def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monk
         after_stage0.update({k: v.clone() for k, v in model.state_dict().items()})
         return report
 
+    trained = {}  # phase -> the modules whose parameters it trains
+
+    def phase(model, processor, items, steps, learning_rate, final_lr_ratio, config, name, *args):
+        trained[name] = {n.removeprefix("model.").split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+        return train_language_model(model, processor, items, steps, learning_rate, final_lr_ratio, config, name,
+                                    *args)
+
     monkeypatch.setattr(base_module, "pretrain_vision", stage0)
+    monkeypatch.setattr(base_module, "train_language_model", phase)
     out = pretrain_base(suite, tmp_path / "base", config)
     monkeypatch.setattr(base_module, "pretrain_vision", pretrain_vision)
+    monkeypatch.setattr(base_module, "train_language_model", train_language_model)
+    # The tower stays frozen; the projector trains in the locate phase only.
+    language = {"language_model", "lm_head"}
+    assert trained == {"conversations": language, "focus": language, "questions": language,
+                       "locate": language | {"multi_modal_projector"}, "settle": language}
     report = json.loads((out / "base_eval.json").read_text())
     assert set(report["skills"]) == {"colour", "shape", "count", "position", "existence", "size", "style", "digit",
                                      "letter", "word"}
     training = report["training"]
-    assert [training[phase]["steps"] for phase in ("conversations", "focus", "questions")] == [30, 10, 10]
+    assert list(training) == ["vision", "conversations", "focus", "questions", "locate", "settle"]
+    assert [training[name]["steps"] for name in list(training)[1:]] == [30, 10, 10, 10, 10]
     assert training["questions"]["mean_loss_last_100"] < 5.5  # uniform guessing: ln 400 = 5.99
     # The focus phase asks the colour-of-a-shape questions alone; the last phase asks every question of the
     # conversations on its own (the descriptions excepted), each kind as often as the commonest.
@@ -145,15 +168,15 @@ def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monk
     kinds = Counter(question_kind(t) for t in turns if not t.endswith("describe the image ."))
     text = len(base_module.language_corpus(suite))
     assert training["focus"]["items"] == kinds["colour"] + text
-    assert training["questions"]["items"] == len(kinds) * max(kinds.values()) + text
+    located = [count for kind, count in kinds.items() if kind.startswith("position")]
+    assert len(located) == 3 and training["locate"]["items"] == 3 * max(located) + text
+    assert training["questions"]["items"] == training["settle"]["items"] == len(kinds) * max(kinds.values()) + text
     assert training["conversations"]["items"] == len(json.loads((suite / "pretrain.json").read_text())) + text
     assert training["vision"]["steps"] == 5 and "colour" in training["vision"]["held_out_accuracy"]
     model, processor = vlm.load(out)
     assert model.config.vision_feature_layer == -1
-    # Stage 1 trains the language model only: the tower and the projector stay as stage 0 (and 0b) left them.
     for name, value in model.state_dict().items():
-        frozen = "vision_tower" in name or "multi_modal_projector" in name
-        assert torch.equal(value, after_stage0[name]) == frozen, name
+        assert torch.equal(value, after_stage0[name]) == ("vision_tower" in name), name
     calls = []
     monkeypatch.setattr(base_module, "train_base", lambda *args, **kwargs: calls.append(1))
     again = pretrain_base(suite, tmp_path / "base2", config)  # same content: served from the cache
@@ -170,11 +193,13 @@ def test_pretrain_base_command(suite, tmp_path, capsys):
     from cmlora.cli import main
 
     main(["pretrain-base", "--suite", str(suite), "--out", str(tmp_path / "base"), "--steps", "3",
-          "--focus-steps", "4", "--question-steps", "2", "--vision-steps", "2"])
+          "--focus-steps", "4", "--question-steps", "2", "--locate-steps", "5", "--settle-steps", "6",
+          "--vision-steps", "2"])
     out = capsys.readouterr().out
     assert "held-out accuracy: colour" in out
     training = json.loads((tmp_path / "base" / "base_eval.json").read_text())["training"]
-    assert [training[name]["steps"] for name in ("vision", "conversations", "focus", "questions")] == [2, 3, 4, 2]
+    assert [training[name]["steps"] for name in ("vision", "conversations", "focus", "questions", "locate", "settle")] \
+        == [2, 3, 4, 2, 5, 6]
 
 
 def test_language_corpus_has_instructions_answers_and_eval_prompts_but_no_pairs_or_targets(suite):

@@ -4,7 +4,7 @@
     cmlora tiny-model --out runs/tiny-llava
     cmlora synth --out suite [--seed 0] [--grid 2] [--train-per-task 300] ...
     cmlora pretrain-base --suite suite --out base [--steps N] [--focus-steps N] [--question-steps N]
-                         [--vision-steps N] [--seed S]
+                         [--locate-steps N] [--settle-steps N] [--vision-steps N] [--seed S]
     cmlora eval --run RUN_DIR | --base MODEL [--adapter DIR]  --mme DIR --tasks DIR [--heldout FILE] [--blank-images]
     cmlora compare RUN_A RUN_B ...
     cmlora interference --run RUN_DIR | --base MODEL (--adapter DIR | --fresh lora) --data train.json --tasks a,b
@@ -90,9 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     base_parser.add_argument("--focus-steps", type=int, default=None,
                              help="stage 1 optimizer steps on the colour-of-a-shape questions alone, after the "
                                   "conversations (default: the recipe's)")
-    base_parser.add_argument("--question-steps", type=int, default=None,
-                             help="stage 1 optimizer steps on all single questions, balanced by kind, last "
+    base_parser.add_argument("--locate-steps", type=int, default=None,
+                             help="stage 1 optimizer steps on the where-is questions alone, projector trained, "
+                                  "after the questions phase (default: the recipe's)")
+    base_parser.add_argument("--settle-steps", type=int, default=None,
+                             help="stage 1 optimizer steps on all single questions again, after the locate phase "
                                   "(default: the recipe's)")
+    base_parser.add_argument("--question-steps", type=int, default=None,
+                             help="stage 1 optimizer steps on all single questions, balanced by kind, after the "
+                                  "focus phase (default: the recipe's)")
     base_parser.add_argument("--vision-steps", type=int, default=None,
                              help="stage 0 (vision tower) optimizer steps (default: the recipe's)")
     base_parser.add_argument("--seed", type=int, default=0)
@@ -173,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
         vision = VisionPretrainConfig(seed=args.seed, **({"steps": args.vision_steps} if args.vision_steps else {}))
         steps = {name: value for name, value in (("steps", args.steps), ("focus_steps", args.focus_steps),
+                                                 ("locate_steps", args.locate_steps),
+                                                 ("settle_steps", args.settle_steps),
                                                  ("question_steps", args.question_steps)) if value is not None}
         config = PretrainConfig(seed=args.seed, vision=vision, **steps)
         out = pretrain_base(args.suite, args.out, config, use_cache=not args.no_cache)
