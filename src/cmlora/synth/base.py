@@ -71,7 +71,8 @@ class PretrainConfig:
     # words): measured (one seed, 2,000 steps, stage 0 without its cell head) "is the <colour> <shape> small or
     # large ?" 0.77 -> 0.97, existence 0.53 -> 0.75, and the first lookup learned in 1,000 steps instead of 1,500.
     freeze_projector: bool = True
-    # Stage 1 has five phases, each mixed with the language corpus (BENCHMARKS.md, "Three phases"):
+    # Stage 1 has five phases, each mixed with the language corpus (BENCHMARKS.md, "Three phases", "Position: the
+    # projector"):
     # 1. `steps` on the conversations (warm-up, cosine decay to `final_lr_ratio`);
     # 2. `focus_steps` on the questions of kind `focus_kind` asked one at a time (one_question_each), at a constant
     #    `question_learning_rate` after a warm-up. The lookup by shape ("what colour is the triangle ?") is the one
