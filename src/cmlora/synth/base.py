@@ -30,7 +30,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -197,6 +197,19 @@ def text_items(texts: list[str], tokenizer: Any, max_length: int) -> list[dict[s
     return items
 
 
+class Phase(NamedTuple):
+    """One phase of stage 1: which records (`source`) and which of them (`chosen`, repeats allowed), for how many
+    steps, at what learning rate (cosine decay to `final_lr_ratio` of it), and whether the projector trains."""
+
+    name: str
+    source: str  # "conversations" or "questions" (single questions)
+    chosen: list[int]
+    steps: int
+    learning_rate: float
+    final_lr_ratio: float
+    trains_projector: bool = False
+
+
 def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 200) -> dict[str, Any]:
     """Build and train the base in `out` (stage 0, then stage 1); returns training statistics."""
     torch.manual_seed(config.seed)
@@ -232,18 +245,15 @@ def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 
     datasets = {source: InstructionDataset(source_records, processor, template="plain", max_length=config.max_length)
                 for source, source_records in (("conversations", records), ("questions", questions))}
     balanced = balanced_by_kind(kinds, random.Random(config.seed))
-    # name, records, chosen indexes, steps, learning rate, final lr ratio, whether the projector trains
-    phases = (("conversations", "conversations", list(range(len(records))), config.steps, config.learning_rate,
-               config.final_lr_ratio, False),
-              ("focus", "questions", [i for i, kind in enumerate(kinds) if kind == config.focus_kind],
-               config.focus_steps, config.question_learning_rate, 1.0, False),
-              ("questions", "questions", balanced, config.question_steps, config.question_learning_rate,
-               config.question_final_lr_ratio, False),
-              ("locate", "questions",
-               [located[i] for i in balanced_by_kind([kinds[i] for i in located], random.Random(config.seed))],
-               config.locate_steps, config.question_learning_rate, config.question_final_lr_ratio, True),
-              ("settle", "questions", balanced, config.settle_steps if config.locate_steps else 0,
-               config.question_learning_rate, config.question_final_lr_ratio, False))
+    q_lr, q_final = config.question_learning_rate, config.question_final_lr_ratio
+    located_balanced = [located[i] for i in balanced_by_kind([kinds[i] for i in located], random.Random(config.seed))]
+    phases = (Phase("conversations", "conversations", list(range(len(records))), config.steps, config.learning_rate,
+                    config.final_lr_ratio),
+              Phase("focus", "questions", [i for i, kind in enumerate(kinds) if kind == config.focus_kind],
+                    config.focus_steps, q_lr, 1.0),
+              Phase("questions", "questions", balanced, config.question_steps, q_lr, q_final),
+              Phase("locate", "questions", located_balanced, config.locate_steps, q_lr, q_final, trains_projector=True),
+              Phase("settle", "questions", balanced, config.settle_steps if config.locate_steps else 0, q_lr, q_final))
     encoded: dict[tuple[str, int], dict[str, Any]] = {}  # each record encoded once, whichever phases use it
     for name, source, chosen, steps, learning_rate, final_lr_ratio, trains_projector in phases:
         if not steps:
