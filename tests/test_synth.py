@@ -19,11 +19,13 @@ from cmlora.data import load_records
 from cmlora.evaluation.inputs import read_mme, read_task_dir
 from cmlora.evaluation.mme import MMERow, score_mme
 from cmlora.evaluation.scoring import score_task
-from cmlora.evaluation.tasks import spec_for
+from cmlora.evaluation.tasks import SHORT_ANSWER, spec_for
 from cmlora.synth import write_suite
+from cmlora.synth.questions import untailed
 from cmlora.synth.scenes import (
     COLOURS,
     DIGITS_HELDOUT_START,
+    NUMBER_WORDS,
     SHAPES,
     SIZE_PX,
     STYLES,
@@ -119,11 +121,42 @@ def test_training_records_load_and_cover_the_categories(suite, manifest, train):
         templates = by_name[record["task_name"]]["templates"]
         assert len(set(templates)) >= 3
         question, answer = _qa(record)
+        question = question.removesuffix(f" {SHORT_ANSWER}")
         patterns = [re.escape(t).replace(r"\{", "{").replace(r"\}", "}") for t in templates]
         assert any(re.fullmatch(re.sub(r"{\w+}", ".+?", p), question) for p in patterns), question
         assert answer.strip()
     for name in ("pretrain.json", "pretrain_eval.json"):
         load_records(suite / name, suite / "images")
+
+
+def test_synth_command_writes_the_natural_wording_and_the_suffix_share_when_asked(tmp_path):
+    from cmlora.synth.questions import question_kind
+
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in SIZES.items()]
+    assert main(["synth", "--out", str(tmp_path / "s"), *flags, "--questions", "natural",
+                 "--short-answer-share", "0.5"]) == 0
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["options"] == {"questions": "natural", "short_answer_share": 0.5}
+    assert manifest["pretrain"]["questions"] == "natural" and "verify" in manifest["pretrain"]["skills"]
+    questions = [turn["value"] for record in json.loads((tmp_path / "s" / "pretrain.json").read_text())
+                 for turn in record["conversations"][::2]]
+    assert any(q.startswith("<image>\nWhere is the ") for q in questions)
+    assert "verify" in {question_kind(q) for q in questions}
+
+
+def test_short_answer_share_ends_that_share_of_the_instructions_with_llava_short_answer_suffix(train, tmp_path):
+    assert not any(SHORT_ANSWER in _qa(record)[0] for record in train)  # the default suite: none
+    manifest = write_suite(tmp_path / "s", 0, **SIZES, short_answer_share=0.25)
+    assert manifest["options"] == {"short_answer_share": 0.25} and "--short-answer-share 0.25" in manifest["command"]
+    records = json.loads((tmp_path / "s" / "train.json").read_text())
+    suffixed = Counter(_qa(record)[0].endswith(SHORT_ANSWER) for record in records
+                       if record["task_name"] != "describe_scene")
+    assert abs(suffixed[True] / suffixed.total() - 0.25) < 0.07
+    assert not any(SHORT_ANSWER in _qa(record)[0] for record in records if record["task_name"] == "describe_scene")
+    with pytest.raises(ValueError, match="short_answer_share"):
+        write_suite(tmp_path / "t", 0, **SIZES, short_answer_share=1.5)
+    with pytest.raises(ValueError, match="question style"):
+        write_suite(tmp_path / "t", 0, **SIZES, questions="casual")
 
 
 def test_interfering_tasks_share_images_with_different_conventions(train):
@@ -339,19 +372,21 @@ def test_pretrain_records_are_dense_and_eval_is_per_skill(suite, manifest):
 
 
 def test_pretraining_asks_for_the_word_only_where_the_letters_spell_one():
-    from cmlora.synth.suite import pretrain_questions
+    from cmlora.synth.questions import pretrain_questions
 
     sampler = Sampler(random.Random(3), grid=2)
     word = sampler.word()
     assert pretrain_questions(word, random.Random(0))["word"] == [("what word is written ?", word.word())]
+    [(question, answer)] = pretrain_questions(word, random.Random(0), "natural")["word"]
+    assert (untailed(question), answer) == ("What word is written?", word.word())
     assert word.word() in WORDS
     letters = sampler.letters("QZXK", in_order=True)
     assert "word" not in pretrain_questions(letters, random.Random(0))
 
 
 def test_pretraining_names_an_object_by_shape_colour_or_both_whichever_is_unique():
+    from cmlora.synth.questions import pretrain_questions, references
     from cmlora.synth.scenes import Item, Scene
-    from cmlora.synth.suite import pretrain_questions, references
 
     red_circle, red_square, blue_circle = (Item("shape", "circle", "red", 0, 0), Item("shape", "square", "red", 0, 1),
                                            Item("shape", "circle", "blue", 1, 0))
@@ -372,24 +407,105 @@ def test_pretraining_names_an_object_by_shape_colour_or_both_whichever_is_unique
     assert set(asked) == {"red circle", "square", "red square", "blue object", "blue circle"}
 
 
+def holds(scene, about: str, slots: dict) -> bool:
+    """Whether the claim of a verify question about `about` with these slot values is true of `scene`."""
+    from cmlora.synth.questions import references
+
+    named = [i for i in scene.shapes() if slots.get("name") in references(scene, i)]
+    if about == "colour":
+        [item] = [i for i in scene.shapes() if i.label == slots["shape"]]
+        return item.colour == slots["colour"]
+    if about == "shape":
+        [item] = [i for i in scene.items if i.colour == slots["colour"]]
+        return item.label == slots["shape"]
+    if about in ("size", "position"):
+        [item] = named
+        return item.size == slots["size"] if about == "size" else scene.position(item) == slots["position"]
+    if about in ("one", "count"):
+        return len(scene.items) == (1 if about == "one" else NUMBER_WORDS.index(slots["number"]))
+    if about == "style":
+        return scene.style == slots["style"]
+    if about in ("digit", "letter"):
+        return scene.at(slots["position"]).label == slots[about]
+    return scene.word() == slots["word"]
+
+
+def verified(scene, question: str) -> tuple[str, bool]:
+    """What a verify question is about (its key in VERIFY) and whether its claim holds, re-derived from `scene`."""
+    from cmlora.synth.questions import VERIFY, template_pattern
+
+    for about, template in VERIFY.items():
+        match = template_pattern(template).fullmatch(untailed(question))
+        if match is None:
+            continue
+        return about, holds(scene, about, match.groupdict())
+    raise AssertionError(f"no verify template writes {question!r}")
+
+
+def test_verify_questions_are_true_as_often_as_false_and_their_answers_follow_the_scene():
+    from cmlora.synth.questions import pretrain_questions
+    from cmlora.synth.suite import pretrain_scene
+
+    sampler = Sampler(random.Random(11), grid=2)
+    answers, about = Counter(), Counter()
+    for _ in range(400):
+        scene = pretrain_scene(sampler)
+        assert "verify" not in pretrain_questions(scene, random.Random(0))  # the default wording has none
+        for question, answer in pretrain_questions(scene, sampler.rng, "natural")["verify"]:
+            kind, true = verified(scene, question)
+            assert answer == ("yes" if true else "no"), (question, scene.describe())
+            answers[answer] += 1
+            about[kind] += 1
+    assert 0.45 < answers["yes"] / answers.total() < 0.55
+    assert {"colour", "shape", "size", "one", "style", "digit", "letter", "word"} <= set(about)
+
+
+def test_pretraining_questions_carry_answer_format_tails_on_a_share_and_never_an_mme_question(tmp_path):
+    from cmlora.synth.questions import TAIL_PROBABILITY, YES_NO, pretrain_questions
+    from cmlora.synth.suite import pretrain_scene
+
+    sampler = Sampler(random.Random(4), grid=2)
+    tails, asked = Counter(), set()
+    for _ in range(500):
+        for skill, pairs in pretrain_questions(pretrain_scene(sampler), sampler.rng, "natural").items():
+            for question, _ in pairs:
+                asked.add(untailed(question))
+                tail = question[len(untailed(question)):].strip()
+                assert tail in ("", YES_NO, SHORT_ANSWER, f"{YES_NO} {SHORT_ANSWER}"), question
+                assert YES_NO not in tail or skill in ("existence", "verify"), question
+                tails[bool(tail)] += 1
+    assert abs(tails[True] / tails.total() - TAIL_PROBABILITY) < 0.03
+    write_suite(tmp_path / "s", 0, train_per_task=1, eval_per_task=1, mme_images_per_subtask=20, pretrain_images=1,
+                pretrain_eval_per_skill=1, questions="natural")
+    mme = {line.split("\t")[0].removesuffix(" Please answer yes or no.")
+           for path in (tmp_path / "s" / "mme").rglob("*.txt") for line in path.read_text().splitlines()}
+    assert len(mme) > 150 and not mme & asked
+
+
 def test_question_kind_names_every_pretraining_question_by_skill_and_way_of_naming():
-    from cmlora.synth.suite import DESCRIBE, pretrain_questions, pretrain_scene, question_kind
+    from cmlora.synth.questions import DESCRIBE, pretrain_questions, question_kind
+    from cmlora.synth.suite import pretrain_scene
 
     sampler = Sampler(random.Random(5), grid=2)
     kinds = Counter()
-    for _ in range(300):
-        for skill, pairs in pretrain_questions(pretrain_scene(sampler), sampler.rng).items():
+    for index in range(600):
+        style = ("plain", "natural")[index % 2]
+        for skill, pairs in pretrain_questions(pretrain_scene(sampler), sampler.rng, style).items():
             for question, _ in pairs:
                 kind = question_kind(f"<image>\n{question}" if kinds.total() % 2 else question)
                 assert kind.split(" by ")[0] == skill, (question, kind)
                 kinds[kind] += 1
     assert {f"{skill} by {way}" for skill in ("position", "size") for way in ("shape", "colour", "colour and shape")
             } <= set(kinds)
-    assert {"colour", "shape", "count", "existence", "style", "digit", "letter", "word"} <= set(kinds)
-    assert question_kind("where is the red triangle ?") == "position by colour and shape"
-    assert question_kind("is the blue object small or large ?") == "size by colour"
+    assert {"colour", "shape", "count", "existence", "style", "digit", "letter", "word", "verify"} <= set(kinds)
+    assert question_kind("Where is the red triangle?") == "position by colour and shape"
+    assert question_kind("Is the blue object small or large? Answer the question using a single word or phrase."
+                         ) == "size by colour"
+    assert question_kind("Is the blue object small? Answer yes or no.") == "verify"
     assert question_kind(DESCRIBE) == "description"
-    for foreign in ("what is the capital of France ?", "where is the purple blob ?", "is the cat small or large ?"):
+    assert question_kind("where is the red triangle ?") == "position by colour and shape"
+    for foreign in ("What is the capital of France?", "Where is the purple blob?", "Is the cat small or large?",
+                    "where is the red triangle?"):
         with pytest.raises(ValueError, match="not a pretraining question"):
             question_kind(foreign)
 

@@ -19,8 +19,8 @@ from cmlora.synth.base import (
     pretrain_base,
     train_language_model,
 )
+from cmlora.synth.questions import question_kind
 from cmlora.synth.scenes import COLOURS, SHAPES, SIZES, STYLES
-from cmlora.synth.suite import question_kind
 from cmlora.synth.vision import (
     CONTENTS,
     IGNORE,

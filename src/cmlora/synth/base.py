@@ -39,7 +39,7 @@ from .. import vlm
 from ..data import InstructionCollator, InstructionDataset, load_records
 from ..data.records import IMAGE_MARKER, one_question_each
 from . import shipped
-from .suite import DESCRIBE, question_kind
+from .questions import DESCRIBE, question_kind
 from .vision import VisionPretrainConfig, pretrain_vision
 
 # Part of the cache key (the package's version is not: a release that leaves the recipe alone keeps its cached and

@@ -24,9 +24,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..data.records import IMAGE_MARKER
+from ..evaluation.tasks import SHORT_ANSWER
 from . import eval_tasks as ev
 from . import train_tasks as tt
+from .questions import DESCRIBE, TAIL_PROBABILITY, YES_NO, pretrain_questions, pretrain_skills
 from .scenes import (
     CELL,
     COLOURS,
@@ -37,7 +38,6 @@ from .scenes import (
     SIZE_PX,
     STYLES,
     WORDS,
-    Item,
     Sampler,
     Scene,
     fitting_words,
@@ -48,8 +48,6 @@ from .scenes import (
 
 GENERATOR = "cmlora synth"
 FORMAT_VERSION = 1
-PRETRAIN_SKILLS = ("colour", "shape", "count", "position", "existence", "size", "style", "digit", "letter", "word")
-DESCRIBE = "describe the image ."
 OUTPUTS = ("images", "eval", "mme", "train.json", "train_eval.json",
            "pretrain.json", "pretrain_eval.json", "scenes.jsonl",
            "manifest.json", "README.md")
@@ -108,8 +106,8 @@ def _pools() -> dict[str, list[tt.TaskSpec]]:
     return pools
 
 
-def write_train(writer: Writer, seed: int, grid: int, per_task: int,
-                part: str = "train") -> tuple[list[dict], list[Scene]]:
+def write_train(writer: Writer, seed: int, grid: int, per_task: int, part: str = "train",
+                short_answer_share: float = 0.0) -> tuple[list[dict], list[Scene]]:
     """Records of every training task; part "train" (train.json) or "train_eval" (held-out: other streams, other
     images, the same instructions and conventions)."""
     records: dict[str, list[dict]] = {task.name: [] for task in tt.TASKS}
@@ -121,7 +119,7 @@ def write_train(writer: Writer, seed: int, grid: int, per_task: int,
         for index in range(per_task):
             for _attempt in range(1000):
                 scene = tt.SCENES[tasks[0].scene](sampler)
-                asked = [tt.ask(task, scene, rng) for task, rng in zip(tasks, rngs, strict=True)]
+                asked = [tt.ask(task, scene, rng, short_answer_share) for task, rng in zip(tasks, rngs, strict=True)]
                 if all(asked):
                     break
             else:
@@ -151,84 +149,14 @@ def pretrain_scene(s: Sampler) -> Scene:
     return s.word() if kind == "word" else s.mixed(style)
 
 
-def references(scene: Scene, item: Item) -> list[str]:
-    """The ways to name a shape of the scene that no other item fits: 'triangle', 'red object', 'red triangle'."""
-    ways = {item.label: lambda i: i.label, f"{item.colour} object": lambda i: i.colour,
-            f"{item.colour} {item.label}": lambda i: (i.colour, i.label)}
-    return [name for name, key in ways.items() if item in tt.unique_by(scene, key)]
-
-
-def pretrain_questions(scene: Scene, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
-    """skill -> the (question, answer) pairs this scene answers unambiguously.
-
-    "where is ... ?" and "is ... small or large ?" name their object by shape, by colour or by both, whichever
-    names it alone. Named by colour and shape always, they could all be answered by finding the object by its
-    colour, and "what colour is the triangle ?" was the only question that needed finding it by its shape: that
-    lookup did not form (BENCHMARKS.md)."""
-    pairs = tt.unique_by(scene, lambda i: (i.colour, i.label))
-    unique = [(item, rng.choice(references(scene, item))) for item in pairs]
-    shapes = scene.shapes()
-    word = scene.word()
-    found = {
-        "colour": [(f"what colour is the {i.label} ?", i.colour) for i in tt.unique_by(scene, lambda i: i.label)],
-        "shape": [(f"what shape is the {i.colour} object ?", i.label) for i in tt.unique_by(scene, lambda i: i.colour)],
-        "count": [("how many objects are there ?", str(len(scene.items)))],
-        "position": [(f"where is the {name} ?", scene.position(i)) for i, name in unique],
-        "existence": [],
-        "size": [(f"is the {name} small or large ?", i.size) for i, name in unique],
-        "style": [("what style is the image ?", scene.style)],
-        "digit": [(f"what digit is at the {scene.position(i)} ?", i.label) for i in scene.items if i.kind == "digit"],
-        "letter": [(f"what letter is at the {scene.position(i)} ?", i.label) for i in scene.items
-                   if i.kind == "letter"],
-        "word": [("what word is written ?", word)] if word in WORDS else [],
-    }
-    if shapes:
-        item = rng.choice(shapes)
-        colour, shape = tt.hard_negative(scene, rng)
-        found["existence"] = [(f"is there a {item.colour} {item.label} ?", "yes"), (f"is there a {colour} {shape} ?",
-                                                                                    "no")]
-    return {skill: pairs for skill, pairs in found.items() if pairs}
-
-
-# The opening words of each template of `pretrain_questions` (and the description), and its skill.
-_QUESTION_OPENINGS = (("what colour is the ", "colour"), ("what shape is the ", "shape"),
-                      ("how many objects are there", "count"), ("where is the ", "position"),
-                      ("is there a ", "existence"), ("what style is the image", "style"),
-                      ("what digit is at the ", "digit"), ("what letter is at the ", "letter"),
-                      ("what word is written", "word"), (DESCRIBE, "description"))
-
-
-def question_kind(question: str) -> str:
-    """The kind of a pretraining question: its skill, and for 'where is ... ?' and 'is ... small or large ?' how
-    the object is named ('position by shape', 'size by colour', 'size by colour and shape'), since each way of
-    naming is a lookup of its own for the model to learn. Raises ValueError for text no template writes."""
-    text = question.replace(IMAGE_MARKER, "").strip()
-    if text.startswith("is the ") and text.endswith(" small or large ?"):
-        skill, name = "size", text[len("is the "):-len(" small or large ?")]
-    else:
-        skill = next((skill for opening, skill in _QUESTION_OPENINGS if text.startswith(opening)), None)
-        if skill is None:
-            raise ValueError(f"not a pretraining question of the suite: {question!r}")
-        if skill != "position":
-            return skill
-        name = text[len("where is the "):].removesuffix(" ?")
-    if name in SHAPES:
-        return f"{skill} by shape"
-    if name.endswith(" object") and name[:-len(" object")] in COLOURS:
-        return f"{skill} by colour"
-    colour, _, shape = name.partition(" ")
-    if colour in COLOURS and shape in SHAPES:
-        return f"{skill} by colour and shape"
-    raise ValueError(f"not a pretraining question of the suite: {question!r}")
-
-
-def write_pretrain(writer: Writer, seed: int, grid: int, images: int, eval_per_skill: int) -> dict[str, Any]:
+def write_pretrain(writer: Writer, seed: int, grid: int, images: int, eval_per_skill: int,
+                   style: str = "plain") -> dict[str, Any]:
     sampler = Sampler(stream(seed, "pretrain"), grid)
     rng = sampler.rng
     records = []
     for index in range(images):
         scene = pretrain_scene(sampler)
-        available = pretrain_questions(scene, rng)
+        available = pretrain_questions(scene, rng, style)
         skills = rng.sample(sorted(available), min(rng.randint(1, 6), len(available)))
         turns = [rng.choice(available[skill]) for skill in skills]
         if rng.random() < 0.8:
@@ -237,10 +165,11 @@ def write_pretrain(writer: Writer, seed: int, grid: int, images: int, eval_per_s
         records.append(_record(f"pretrain-{index:06d}", image[len("images/"):], "pretrain", turns))
     _dump(writer.root / "pretrain.json", records)
     held_out, counts = [], {}
-    for skill in PRETRAIN_SKILLS:
+    skills = pretrain_skills(style)
+    for skill in skills:
         sampler = Sampler(stream(seed, f"pretrain_eval:{skill}"), grid)
         for index in range(eval_per_skill):
-            while skill not in (available := pretrain_questions(scene := pretrain_scene(sampler), sampler.rng)):
+            while skill not in (available := pretrain_questions(scene := pretrain_scene(sampler), sampler.rng, style)):
                 pass
             image = writer.save(scene, f"images/pretrain_eval/{skill}/{index:05d}.png")
             held_out.append(_record(f"pretrain_eval-{skill}-{index:05d}", image[len("images/"):], skill,
@@ -249,10 +178,13 @@ def write_pretrain(writer: Writer, seed: int, grid: int, images: int, eval_per_s
     _dump(writer.root / "pretrain_eval.json", held_out)
     answers = {"colour": len(COLOURS), "shape": len(SHAPES), "count": min(tt.MAX_ITEMS, grid * grid),
                "position": grid * grid, "existence": 2, "size": 2, "style": len(STYLES), "digit": 10,
-               "letter": len(LETTERS), "word": len(fitting_words(grid))}
-    return {"records": len(records), "images": images, "skills": list(PRETRAIN_SKILLS), "describe_probability": 0.8,
-            "questions_per_image": [1, 6], "eval_per_skill": counts,
-            "eval_chance": {skill: 1 / answers[skill] for skill in PRETRAIN_SKILLS}}
+               "letter": len(LETTERS), "word": len(fitting_words(grid)), "verify": 2}
+    summary = {"records": len(records), "images": images, "skills": list(skills), "describe_probability": 0.8,
+               "questions_per_image": [1, 6], "eval_per_skill": counts,
+               "eval_chance": {skill: 1 / answers[skill] for skill in skills}}
+    if style != "plain":  # recorded only when not the default, so that the default suite's files stay as they were
+        summary |= {"questions": style, "tail_probability": TAIL_PROBABILITY}
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,9 +278,15 @@ def command(out: str, seed: int, sizes: dict[str, Any]) -> str:
 
 def write_suite(out: str | Path, seed: int = 0, *, grid: int = 2, train_per_task: int = 300, eval_per_task: int = 100,
                 mme_images_per_subtask: int = 30, pretrain_images: int = 20000, pretrain_eval_per_skill: int = 100,
-                train_eval_per_task: int = 30, font: str = "auto") -> dict[str, Any]:
+                train_eval_per_task: int = 30, font: str = "auto", questions: str = "plain",
+                short_answer_share: float = 0.0) -> dict[str, Any]:
     """Generate the suite in `out` (an empty folder, or one holding an earlier suite, which is replaced);
-    returns the manifest. See the module docstring for the layout."""
+    returns the manifest. See the module docstring for the layout.
+
+    `questions`: the wording of the base's pretraining questions (`questions.QUESTION_STYLES`); `short_answer_share`:
+    the share of training instructions followed by LLaVA-1.5's short-answer instruction. Both are opt-in
+    (BENCHMARKS.md, ninth session) and recorded in the manifest only when not the default, so that the default
+    suite, and the key of the base shipped for it, stay as they were."""
     out = Path(out)
     positions(grid)  # validates the grid
     sizes = {"grid": grid, "train_per_task": train_per_task, "eval_per_task": eval_per_task,
@@ -357,19 +295,26 @@ def write_suite(out: str | Path, seed: int = 0, *, grid: int = 2, train_per_task
     if min(train_per_task, eval_per_task, mme_images_per_subtask, pretrain_eval_per_skill, train_eval_per_task) < 1 \
             or pretrain_images < 0:
         raise ValueError(f"sizes must be positive: {sizes}")
+    if not 0 <= short_answer_share <= 1:
+        raise ValueError(f"short_answer_share must be in [0, 1], got {short_answer_share}")
+    pretrain_skills(questions)  # validates the style
+    options = {key: value for key, value, default in (("questions", questions, "plain"),
+                                                       ("short_answer_share", short_answer_share, 0.0))
+               if value != default}
     _prepare(out)
     writer = Writer(out, font_kind(font))
-    records, train_scenes = write_train(writer, seed, grid, train_per_task)
+    records, train_scenes = write_train(writer, seed, grid, train_per_task, short_answer_share=short_answer_share)
     _dump(out / "train.json", records)
-    held_out, _ = write_train(writer, seed, grid, train_eval_per_task, part="train_eval")
+    held_out, _ = write_train(writer, seed, grid, train_eval_per_task, "train_eval", short_answer_share)
     _dump(out / "train_eval.json", held_out)
     eval_summary = write_eval(writer, seed, grid, eval_per_task, ev.ObjectStats.of(train_scenes))
     mme_summary = write_mme(writer, seed, grid, mme_images_per_subtask)
-    pretrain = write_pretrain(writer, seed, grid, pretrain_images, pretrain_eval_per_skill)
+    pretrain = write_pretrain(writer, seed, grid, pretrain_images, pretrain_eval_per_skill, questions)
     _jsonl(out / "scenes.jsonl", writer.scenes)
     manifest = {
         "generator": GENERATOR, "format_version": FORMAT_VERSION, "seed": seed, "sizes": sizes,
-        "command": command(out.name or ".", seed, {**sizes, "font": writer.font}),
+        **({"options": options} if options else {}),
+        "command": command(out.name or ".", seed, {**sizes, "font": writer.font, **options}),
         "image": {"grid": grid, "cell": CELL, "size": grid * CELL, "font": writer.font, "palette": PALETTE,
                   "shapes": list(SHAPES), "object_sizes_px": SIZE_PX, "styles": list(STYLES),
                   "positions": positions(grid), "words": [w for w in WORDS if len(w) <= grid * grid]},
@@ -424,8 +369,10 @@ def readme(m: dict[str, Any]) -> str:
         f"`train_eval.json` holds {m['train_eval_records']} held-out records of the same tasks (new images, the same "
         "instructions and answer conventions), to check what instruction tuning learned.", "",
         "Images are relative to `images/`. Tasks sharing an image pool ask about the same pictures with different "
-        "targets and answer conventions. Chance = accuracy of a uniform guess over the answer set; majority = "
-        "accuracy of always giving this suite's most frequent answer.", "",
+        f"targets and answer conventions. A share ({m.get('options', {}).get('short_answer_share', 0)}) of the "
+        f"instructions, the descriptions' excepted, end with LLaVA-1.5's short-answer instruction '{SHORT_ANSWER}'. "
+        "Chance = accuracy of a uniform "
+        "guess over the answer set; majority = accuracy of always giving this suite's most frequent answer.", "",
         "| task | category | pool | answers | chance | majority | records | one of its instructions |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -450,7 +397,10 @@ def readme(m: dict[str, Any]) -> str:
               f"{p['records']} records, one per image: 1-6 questions about the image "
               f"(skills: {', '.join(p['skills'])}; 'where is' and 'small or large' name their object by shape, "
               "by colour or by both, whichever names it alone) "
-              f"then, with probability {p['describe_probability']}, the full description ('{DESCRIBE}'). "
+              + (f"in the '{p['questions']}' wording: written as instructions are, 'verify' asking yes or no about "
+                 f"what the others name (half of it true), a share ({p['tail_probability']}) with an answer-format "
+                 f"tail ('{YES_NO}', '{SHORT_ANSWER}'); " if "questions" in p else "")
+              + f"then, with probability {p['describe_probability']}, the full description ('{DESCRIBE}'). "
               "pretrain_eval.json: single questions on new images, task_name = the skill; chance: "
               + ", ".join(f"{k} {v:.3g}" for k, v in p["eval_chance"].items()) + ".", "",
               "## Measuring what a model learns on this suite", "",

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..evaluation.tasks import SHORT_ANSWER
 from .scenes import (
     COLOURS,
     CORE_STYLE_WEIGHTS,
@@ -415,10 +416,18 @@ def chance(task: TaskSpec, grid: int) -> float:
     return 1.0 / size
 
 
-def ask(task: TaskSpec, scene: Scene, rng: random.Random) -> tuple[str, str] | None:
-    """(question, answer) of `task` about `scene` (a random template), or None when the scene cannot answer it."""
+def ask(task: TaskSpec, scene: Scene, rng: random.Random,
+        short_answer_share: float = 0.0) -> tuple[str, str] | None:
+    """(question, answer) of `task` about `scene` (a random template, followed by `SHORT_ANSWER` with probability
+    `short_answer_share` unless the answer is a description), or None when the scene cannot answer it."""
     result = QUERIES[task.query].ask(scene, rng, task.convention)
     if result is None:
         return None
     slots, answer = result
-    return rng.choice(task.templates).format(**slots), answer
+    question = rng.choice(task.templates).format(**slots)
+    # LLaVA-1.5's data ends its short-answer questions with SHORT_ANSWER, and LLaVA's MME protocol appends it to
+    # every question. On a quarter of the training instructions it kept the suffix from steering the tuned model
+    # away from the skill asked (one seed: MME existence 0.37 -> 0.70; BENCHMARKS.md, ninth session).
+    if short_answer_share and task.query != "describe" and rng.random() < short_answer_share:
+        question = f"{question} {SHORT_ANSWER}"
+    return question, answer

@@ -1,0 +1,224 @@
+"""The base's pretraining questions: what stage 1 asks about a scene, in which words, and which lookup each is.
+
+Two wordings (`cmlora synth --questions`):
+- "plain" (the default, recipe 8's and the shipped base's): "where is the red circle ?", lower case, the question
+  mark apart;
+- "natural" (opt-in, measured on one seed so far; BENCHMARKS.md, ninth session): written as instructions and
+  benchmarks write them ("Where is the red circle?"). The tiny tokenizer gives every capital its own token and
+  reads "circle?" as "circle" "?", so the plain wording binds the base's skills to tokens that no instruction uses
+  (BENCHMARKS.md, "Zero-shot: why MME stays at chance"). It adds two things an LLM brings from its text
+  pretraining, which a from-scratch language model must be shown:
+  - `verify`: yes/no questions about what the other skills name ("Is the circle red?", "Is the red square at the
+    top-left?"), half of them true. Without them nothing taught the model that "Is the X Y?" asks for yes or no
+    about Y, and the tuned model answered MME's questions with a colour or "true";
+  - answer-format tails on a share of the questions: "Answer yes or no." on yes/no questions, and the
+    short-answer instruction of LLaVA-1.5's data (`SHORT_ANSWER`, which LLaVA's MME protocol appends to every
+    question).
+  None of these wordings is an MME question's: MME asks "Is the circle in this image red?", the base "Is the
+  circle red?".
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from ..data.records import IMAGE_MARKER
+from ..evaluation.tasks import SHORT_ANSWER
+from . import train_tasks as tt
+from .scenes import COLOURS, LETTERS, NUMBER_WORDS, SHAPES, SIZES, STYLES, WORDS, Item, Scene, fitting_words, positions
+
+DESCRIBE = "describe the image ."
+YES_NO = "Answer yes or no."
+TAIL_PROBABILITY = 0.4  # of a question getting a tail; a yes/no tail is followed by SHORT_ANSWER half the time
+
+# skill -> template. A slot is filled with one of its values (`_VALUES`); "Where is" and "small or large" name
+# their object by shape, by colour or by both (`references`), and their kind says which (`question_kind`).
+ASK = {
+    "colour": "What colour is the {shape}?",
+    "shape": "What shape is the {colour} object?",
+    "count": "How many objects are there?",
+    "position": "Where is the {name}?",
+    "existence": "Is there a {colour} {shape}?",
+    "size": "Is the {name} small or large?",
+    "style": "What style is the image?",
+    "digit": "What digit is at the {position}?",
+    "letter": "What letter is at the {position}?",
+    "word": "What word is written?",
+}
+# The default suite's wording (recipe 8, the shipped base's): lower case, the question mark apart, no verify skill
+# and no tails. `natural` (ASK, VERIFY, tails) is opt-in until it is measured on three seeds (BENCHMARKS.md).
+PLAIN = {
+    "colour": "what colour is the {shape} ?",
+    "shape": "what shape is the {colour} object ?",
+    "count": "how many objects are there ?",
+    "position": "where is the {name} ?",
+    "existence": "is there a {colour} {shape} ?",
+    "size": "is the {name} small or large ?",
+    "style": "what style is the image ?",
+    "digit": "what digit is at the {position} ?",
+    "letter": "what letter is at the {position} ?",
+    "word": "what word is written ?",
+}
+QUESTION_STYLES = ("plain", "natural")
+# What a verify question is about -> its template (skill "verify", answered yes or no).
+VERIFY = {
+    "colour": "Is the {shape} {colour}?",
+    "shape": "Is the {colour} object a {shape}?",
+    "size": "Is the {name} {size}?",
+    "position": "Is the {name} at the {position}?",
+    "one": "Is there exactly one object?",
+    "count": "Are there exactly {number} objects?",
+    "style": "Is the image {style}?",
+    "digit": "Is the digit at the {position} a {digit}?",
+    "letter": "Is the letter at the {position} {letter}?",
+    "word": "Is the word {word}?",
+}
+YES_NO_SKILLS = ("existence", "verify")
+_VALUES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "style": STYLES, "digit": tuple("0123456789"),
+           "letter": tuple(LETTERS), "word": WORDS, "number": NUMBER_WORDS[2:10],
+           "position": tuple(dict.fromkeys(positions(2) + positions(3)))}
+
+
+def _slot_pattern(slot: str) -> str:
+    if slot == "name":  # 'triangle', 'red object', 'red triangle'
+        shape, colour = _slot_pattern("shape"), _slot_pattern("colour")
+        return f"(?:{shape}|{colour} object|{colour} {shape})"
+    return "(?:" + "|".join(map(re.escape, _VALUES[slot])) + ")"
+
+
+def template_pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # text, slot, text, slot, ..., text
+    return re.compile("".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>{_slot_pattern(part)})"
+                              for i, part in enumerate(parts)))
+
+
+_PATTERNS = tuple((skill, template_pattern(template)) for skill, template in
+                  [*PLAIN.items(), *ASK.items(), *(("verify", template) for template in VERIFY.values())])
+
+
+def pretrain_skills(style: str = "plain") -> tuple[str, ...]:
+    """The skills the pretraining questions of a style ask about."""
+    if style not in QUESTION_STYLES:
+        raise ValueError(f"question style must be one of {QUESTION_STYLES}, got {style!r}")
+    return (*PLAIN, "verify") if style == "natural" else tuple(PLAIN)
+
+
+def references(scene: Scene, item: Item) -> list[str]:
+    """The ways to name a shape of the scene that no other item fits: 'triangle', 'red object', 'red triangle'."""
+    ways = {item.label: lambda i: i.label, f"{item.colour} object": lambda i: i.colour,
+            f"{item.colour} {item.label}": lambda i: (i.colour, i.label)}
+    return [name for name, key in ways.items() if item in tt.unique_by(scene, key)]
+
+
+def _other(rng: random.Random, values, value):
+    return rng.choice([v for v in values if v != value])
+
+
+def _verify(scene: Scene, rng: random.Random, named: list[tuple[Item, str]]) -> list[tuple[str, str]]:
+    """One yes/no question per attribute the scene can be asked about, each true or false with probability 1/2."""
+    questions: list[tuple[str, str]] = []
+
+    def ask(about: str, slot: str, value: str, others, **slots: str) -> None:
+        true = rng.random() < 0.5
+        shown = value if true else _other(rng, others, value)
+        questions.append((VERIFY[about].format(**slots, **{slot: shown}), "yes" if true else "no"))
+
+    by_shape = tt.unique_by(scene, lambda i: i.label)
+    by_colour = tt.unique_by(scene, lambda i: i.colour)
+    if by_shape:
+        item = rng.choice(by_shape)
+        ask("colour", "colour", item.colour, COLOURS, shape=item.label)
+    if by_colour:
+        item = rng.choice(by_colour)
+        ask("shape", "shape", item.label, SHAPES, colour=item.colour)
+    if named:
+        item, name = rng.choice(named)
+        ask("size", "size", item.size, SIZES, name=name)
+        item, name = rng.choice(named)
+        ask("position", "position", scene.position(item), positions(scene.grid), name=name)
+    counts = range(1, min(tt.MAX_ITEMS, scene.grid * scene.grid) + 1)
+    true = rng.random() < 0.5
+    n = len(scene.items) if true else _other(rng, counts, len(scene.items))
+    question = VERIFY["one"] if n == 1 else VERIFY["count"].format(number=NUMBER_WORDS[n])
+    questions.append((question, "yes" if true else "no"))
+    ask("style", "style", scene.style, STYLES)
+    for kind, values in (("digit", "0123456789"), ("letter", LETTERS)):
+        items = [i for i in scene.items if i.kind == kind]
+        if items:
+            item = rng.choice(items)
+            ask(kind, kind, item.label, values, position=scene.position(item))
+    word = scene.word()
+    if word in WORDS:
+        ask("word", "word", word, [w for w in fitting_words(scene.grid) if len(w) == len(word)])
+    return questions
+
+
+def _with_tail(question: str, skill: str, rng: random.Random) -> str:
+    if rng.random() >= TAIL_PROBABILITY:
+        return question
+    if skill in YES_NO_SKILLS:
+        return f"{question} {YES_NO} {SHORT_ANSWER}" if rng.random() < 0.5 else f"{question} {YES_NO}"
+    return f"{question} {SHORT_ANSWER}"
+
+
+def pretrain_questions(scene: Scene, rng: random.Random, style: str = "plain") -> dict[str, list[tuple[str, str]]]:
+    """skill -> the (question, answer) pairs this scene answers unambiguously, in the wording of `style` ("natural":
+    with the verify skill, and some with an answer-format tail).
+
+    "Where is ...?" and "Is ... small or large?" name their object by shape, by colour or by both, whichever
+    names it alone. Named by colour and shape always, they could all be answered by finding the object by its
+    colour, and "What colour is the triangle?" was the only question that needed finding it by its shape: that
+    lookup did not form (BENCHMARKS.md)."""
+    natural = pretrain_skills(style)[-1] == "verify"
+    templates = ASK if natural else PLAIN
+    _ask = lambda skill, **slots: templates[skill].format(**slots)  # noqa: E731
+    named = [(item, rng.choice(references(scene, item))) for item in tt.unique_by(scene, lambda i: (i.colour, i.label))]
+    word = scene.word()
+    found = {
+        "colour": [(_ask("colour", shape=i.label), i.colour) for i in tt.unique_by(scene, lambda i: i.label)],
+        "shape": [(_ask("shape", colour=i.colour), i.label) for i in tt.unique_by(scene, lambda i: i.colour)],
+        "count": [(_ask("count"), str(len(scene.items)))],
+        "position": [(_ask("position", name=name), scene.position(i)) for i, name in named],
+        "existence": [],
+        "size": [(_ask("size", name=name), i.size) for i, name in named],
+        "style": [(_ask("style"), scene.style)],
+        "digit": [(_ask("digit", position=scene.position(i)), i.label) for i in scene.items if i.kind == "digit"],
+        "letter": [(_ask("letter", position=scene.position(i)), i.label) for i in scene.items if i.kind == "letter"],
+        "word": [(_ask("word"), word)] if word in WORDS else [],
+        "verify": _verify(scene, rng, named) if natural else [],
+    }
+    if shapes := scene.shapes():
+        item = rng.choice(shapes)
+        colour, shape = tt.hard_negative(scene, rng)
+        found["existence"] = [(_ask("existence", colour=item.colour, shape=item.label), "yes"),
+                              (_ask("existence", colour=colour, shape=shape), "no")]
+    if not natural:
+        return {skill: pairs for skill, pairs in found.items() if pairs}
+    return {skill: [(_with_tail(q, skill, rng), a) for q, a in pairs] for skill, pairs in found.items() if pairs}
+
+
+def untailed(question: str) -> str:
+    """The question without its answer-format tail."""
+    return question.removesuffix(SHORT_ANSWER).strip().removesuffix(YES_NO).strip()
+
+
+def question_kind(question: str) -> str:
+    """The kind of a pretraining question: its skill, and for "Where is ...?" and "Is ... small or large?" how the
+    object is named ('position by shape', 'size by colour', 'size by colour and shape'), since each way of naming
+    is a lookup of its own for the model to learn. Tails are ignored. Raises ValueError for text no template
+    writes."""
+    text = question.replace(IMAGE_MARKER, "").strip()
+    if text == DESCRIBE:
+        return "description"
+    text = untailed(text)
+    for skill, pattern in _PATTERNS:
+        match = pattern.fullmatch(text)
+        if match is None:
+            continue
+        if skill not in ("position", "size"):
+            return skill
+        name = match["name"]
+        way = "shape" if name in SHAPES else "colour" if name.endswith(" object") else "colour and shape"
+        return f"{skill} by {way}"
+    raise ValueError(f"not a pretraining question of the suite: {question!r}")
