@@ -29,7 +29,7 @@ from .scenes import (
     Scene,
     positions,
 )
-from .train_tasks import CORNERS, NUMBER_WORDS, RELATIONS, WARM, hard_negative, relations_between
+from .train_tasks import CORNERS, NUMBER_WORDS, RELATIONS, WARM, hard_negative, other_than, relations_between
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 # Properties no picture shows; each is about one of the training task visible_property's invisible nouns
@@ -188,10 +188,6 @@ def pope(s: Sampler, images: int, stats: ObjectStats) -> tuple[list[Scene], dict
 # MME: (scene, question answered Yes, question answered No) per image
 
 
-def _other(rng: random.Random, values, value):
-    return rng.choice([v for v in values if v != value])
-
-
 def _mme_existence(s: Sampler):
     scene = _core(s)
     item = s.rng.choice(scene.shapes())
@@ -202,7 +198,7 @@ def _mme_existence(s: Sampler):
 def _mme_count(s: Sampler):
     scene = _core(s)
     n = len(scene.items)
-    wrong = _other(s.rng, range(1, 5), n)
+    wrong = other_than(s.rng, range(1, 5), n)
     question = "Is the number of objects in this image {}?"
     return scene, question.format(NUMBER_WORDS[n]), question.format(NUMBER_WORDS[wrong])
 
@@ -212,14 +208,14 @@ def _mme_position(s: Sampler):
     item = s.rng.choice(scene.shapes())
     question = f"Is the {item.colour} {item.label} at the {{}} of this image?"
     where = scene.position(item)
-    return scene, question.format(where), question.format(_other(s.rng, positions(scene.grid), where))
+    return scene, question.format(where), question.format(other_than(s.rng, positions(scene.grid), where))
 
 
 def _mme_color(s: Sampler):
     scene = _core(s)
     item = s.rng.choice(scene.shapes())
     question = f"Is the {item.label} in this image {{}}?"
-    return scene, question.format(item.colour), question.format(_other(s.rng, COLOURS, item.colour))
+    return scene, question.format(item.colour), question.format(other_than(s.rng, COLOURS, item.colour))
 
 
 def _mme_ocr(s: Sampler):
@@ -234,26 +230,26 @@ def _mme_shape(s: Sampler):
     scene = _core(s)
     item = s.rng.choice(scene.shapes())
     question = f"Is the {item.colour} object in this image a {{}}?"
-    return scene, question.format(item.label), question.format(_other(s.rng, SHAPES, item.label))
+    return scene, question.format(item.label), question.format(other_than(s.rng, SHAPES, item.label))
 
 
 def _mme_size(s: Sampler):
     scene = _core(s)
     item = s.rng.choice(scene.shapes())
     question = f"Is the {item.colour} {item.label} in this image {{}}?"
-    return scene, question.format(item.size), question.format(_other(s.rng, SIZES, item.size))
+    return scene, question.format(item.size), question.format(other_than(s.rng, SIZES, item.size))
 
 
 def _mme_style(s: Sampler):
     scene = s.shapes(s.count(1), s.style())
     question = "Is this image drawn in the {} style?"
-    return scene, question.format(scene.style), question.format(_other(s.rng, STYLES, scene.style))
+    return scene, question.format(scene.style), question.format(other_than(s.rng, STYLES, scene.style))
 
 
 def _mme_numerical(s: Sampler):
     scene = s.digits(2)
     total = sum(int(item.label) for item in scene.items)
-    wrong = _other(s.rng, [v for v in range(total - 3, total + 4) if v >= 0], total)
+    wrong = other_than(s.rng, [v for v in range(total - 3, total + 4) if v >= 0], total)
     question = "Is the sum of the two digits in this image equal to {}?"
     return scene, question.format(total), question.format(wrong)
 
@@ -265,7 +261,7 @@ def _mme_commonsense(s: Sampler):
         item = scene.items[0]
         question = f"Does the {item.colour} shape in this image have exactly {{}} corners?"
         return scene, question.format(CORNERS[item.label]), question.format(
-            _other(s.rng, sorted(set(CORNERS.values())), CORNERS[item.label]))
+            other_than(s.rng, sorted(set(CORNERS.values())), CORNERS[item.label]))
     if fact == "warmth":
         scene = s.one(s.style(weights=CORE_STYLE_WEIGHTS), colour=s.rng.choice(sorted(WARM)))
         item = scene.items[0]

@@ -111,17 +111,13 @@ def references(scene: Scene, item: Item) -> list[str]:
     return [name for name, key in ways.items() if item in tt.unique_by(scene, key)]
 
 
-def _other(rng: random.Random, values, value):
-    return rng.choice([v for v in values if v != value])
-
-
 def _verify(scene: Scene, rng: random.Random, named: list[tuple[Item, str]]) -> list[tuple[str, str]]:
     """One yes/no question per attribute the scene can be asked about, each true or false with probability 1/2."""
     questions: list[tuple[str, str]] = []
 
     def ask(about: str, slot: str, value: str, others, **slots: str) -> None:
         true = rng.random() < 0.5
-        shown = value if true else _other(rng, others, value)
+        shown = value if true else tt.other_than(rng, others, value)
         questions.append((VERIFY[about].format(**slots, **{slot: shown}), "yes" if true else "no"))
 
     by_shape = tt.unique_by(scene, lambda i: i.label)
@@ -139,7 +135,7 @@ def _verify(scene: Scene, rng: random.Random, named: list[tuple[Item, str]]) -> 
         ask("position", "position", scene.position(item), positions(scene.grid), name=name)
     counts = range(1, min(tt.MAX_ITEMS, scene.grid * scene.grid) + 1)
     true = rng.random() < 0.5
-    n = len(scene.items) if true else _other(rng, counts, len(scene.items))
+    n = len(scene.items) if true else tt.other_than(rng, counts, len(scene.items))
     question = VERIFY["one"] if n == 1 else VERIFY["count"].format(number=NUMBER_WORDS[n])
     questions.append((question, "yes" if true else "no"))
     ask("style", "style", scene.style, STYLES)
@@ -170,9 +166,13 @@ def pretrain_questions(scene: Scene, rng: random.Random, style: str = "plain") -
     names it alone. Named by colour and shape always, they could all be answered by finding the object by its
     colour, and "What colour is the triangle?" was the only question that needed finding it by its shape: that
     lookup did not form (BENCHMARKS.md)."""
-    natural = pretrain_skills(style)[-1] == "verify"
+    pretrain_skills(style)  # validates the style
+    natural = style == "natural"
     templates = ASK if natural else PLAIN
-    _ask = lambda skill, **slots: templates[skill].format(**slots)  # noqa: E731
+
+    def _ask(skill: str, **slots: str) -> str:
+        return templates[skill].format(**slots)
+
     named = [(item, rng.choice(references(scene, item))) for item in tt.unique_by(scene, lambda i: (i.colour, i.label))]
     word = scene.word()
     found = {

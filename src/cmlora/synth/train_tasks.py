@@ -91,6 +91,11 @@ def obj(item: Item) -> dict[str, str]:
     return {"colour": item.colour, "shape": item.label}
 
 
+def other_than(rng: random.Random, values, value):
+    """A random one of `values` that is not `value` (a false statement's value)."""
+    return rng.choice([v for v in values if v != value])
+
+
 def hard_negative(scene: Scene, rng: random.Random) -> tuple[str, str]:
     """An absent (colour, shape) sharing the colour or the shape of a present shape."""
     present = [(i.colour, i.label) for i in scene.shapes()]
