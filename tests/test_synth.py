@@ -520,3 +520,46 @@ def test_grid3_and_bitmap_font(tmp_path):
         pixels = np.asarray(render(scene, font))
         assert pixels[:16, :16].max() > 150 and pixels[:16, 16:].max() > 150
     assert set(STYLES) == {"filled", "outline", "striped", "noisy"}
+
+
+def test_the_base_reads_the_fact_each_knowledge_task_needs_and_no_fact_against_it(train, scenes):
+    """Each answer of a task that needs world knowledge follows, by one fact of `knowledge.facts()`, from what the
+    image shows (derived here from the scene, not from the answer); no fact states another answer."""
+    from cmlora.synth.knowledge import facts
+    from cmlora.synth.train_tasks import INVISIBLE, RELATIONS, TASKS_BY_NAME, VISIBLE, answer_set
+
+    known = set(facts())
+    templates = {"shape_corners": "A {shape} has {value} corners.", "colour_warmth": "{Colour} is a {value} colour.",
+                 "digit_parity": "{a} is an {value} number.", "digit_word": "{a} is written {value} in words.",
+                 "digit_sum": "{a} plus {b} is {value}.", "larger_digit": "The larger of {a} and {b} is {value}.",
+                 "letter_vowel": "{letter} is a {value}.",
+                 "visible_property": "The {prop} of an object {value} be seen in a picture."}
+    checked = Counter()
+    for record in train:
+        task, scene, (question, answer) = record["task_name"], scenes["images/" + record["image"]], _qa(record)
+        if task == "spatial_relation":
+            pattern = rf"the ({COLOUR}) ({SHAPE}) (?:located |is )?(.+?) the ({COLOUR}) ({SHAPE})\?"
+            c1, s1, relation, c2, s2 = re.search(pattern, question).groups()
+            assert relation in RELATIONS
+            cells = {(i.colour, i.label): scene.position(i) for i in scene.items}
+            stated = f"Something at the {cells[c1, s1]} is {relation} something at the {cells[c2, s2]}." in known
+            assert answer == ("yes" if stated else "no"), (question, cells)
+            checked[task] += 1
+        if task not in templates:
+            continue
+        digits = [i.label for i in scene.items if i.kind == "digit"] + ["", ""]
+        slots = {"a": digits[0], "b": digits[1], "letter": scene.items[0].label,
+                 "prop": next((p for p in VISIBLE + INVISIBLE if f" {p} of" in question), "")}
+        if task == "shape_corners":
+            [slots["shape"]] = [i.label for i in scene.items if i.colour == _one(COLOUR, question)]
+        if task == "colour_warmth":
+            [colour] = [i.colour for i in scene.items if i.label == _one(SHAPE, question)]
+            slots["Colour"] = colour.capitalize()
+        values = {"yes": "can", "no": "cannot"} if task == "visible_property" else {}
+
+        sentences = {value: templates[task].format(value=values.get(value, value), **slots)
+                     for value in answer_set(TASKS_BY_NAME[task], scene.grid)}
+        assert sentences[answer] in known, (task, question, sentences[answer])
+        assert len(sentences) > 1 and known & set(sentences.values()) == {sentences[answer]}, (task, question)
+        checked[task] += 1
+    assert set(checked) == {*templates, "spatial_relation"}

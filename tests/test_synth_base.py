@@ -11,7 +11,7 @@ import torch
 from cmlora import vlm
 from cmlora.data import TEMPLATES, Turn
 from cmlora.synth import base as base_module
-from cmlora.synth import write_suite
+from cmlora.synth import knowledge, write_suite
 from cmlora.synth.base import (
     PretrainConfig,
     balanced_by_kind,
@@ -130,7 +130,7 @@ def test_plain_template_has_no_system_prompt_and_no_roles():
 
 def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monkeypatch):
     config = PretrainConfig(steps=30, focus_steps=10, question_steps=10, locate_steps=10, settle_steps=10,
-                            batch_size=8, spec=SMALL,
+                            batch_size=8, spec=SMALL, knowledge_repeats=1,
                             eval_batch_size=16, vision=VisionPretrainConfig(steps=5, batch_size=8, align_steps=5))
     after_stage0 = {}
 
@@ -166,7 +166,8 @@ def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monk
     # conversations on its own (the descriptions excepted), each kind as often as the commonest.
     turns = [t["value"] for r in json.loads((suite / "pretrain.json").read_text()) for t in r["conversations"][::2]]
     kinds = Counter(question_kind(t) for t in turns if not t.endswith("describe the image ."))
-    text = len(base_module.language_corpus(suite))
+    # The text mixed into every phase: the language corpus, and the facts of the world `knowledge_repeats` times.
+    text = len(base_module.language_corpus(suite)) + config.knowledge_repeats * len(knowledge.facts())
     assert training["focus"]["items"] == kinds["colour"] + text
     located = [count for kind, count in kinds.items() if kind.startswith("position")]
     assert len(located) == 3 and training["locate"]["items"] == 3 * max(located) + text
@@ -194,10 +195,12 @@ def test_pretrain_base_command(suite, tmp_path, capsys):
 
     main(["pretrain-base", "--suite", str(suite), "--out", str(tmp_path / "base"), "--steps", "3",
           "--focus-steps", "4", "--question-steps", "2", "--locate-steps", "5", "--settle-steps", "6",
-          "--vision-steps", "2"])
+          "--vision-steps", "2", "--knowledge-repeats", "3"])
     out = capsys.readouterr().out
     assert "held-out accuracy: colour" in out
-    training = json.loads((tmp_path / "base" / "base_eval.json").read_text())["training"]
+    report = json.loads((tmp_path / "base" / "base_eval.json").read_text())
+    assert report["config"]["knowledge_repeats"] == 3
+    training = report["training"]
     assert [training[name]["steps"] for name in ("vision", "conversations", "focus", "questions", "locate", "settle")] \
         == [2, 3, 4, 2, 5, 6]
 

@@ -54,6 +54,17 @@ def test_the_content_key_does_not_depend_on_the_suites_folder_name(suite, tmp_pa
     assert content_hash(tmp_path / "seed1", PretrainConfig()) != content_hash(suite, PretrainConfig())
 
 
+def test_the_facts_are_part_of_the_key_only_when_the_base_reads_them(suite, monkeypatch):
+    from cmlora.synth import knowledge
+
+    without = content_hash(suite, PretrainConfig())
+    with_facts = content_hash(suite, PretrainConfig(knowledge_repeats=2))
+    assert with_facts not in (without, content_hash(suite, PretrainConfig(knowledge_repeats=1)))
+    monkeypatch.setattr(knowledge, "facts", lambda: ["A triangle has 4 corners."])
+    assert content_hash(suite, PretrainConfig()) == without  # the default recipe's key: the shipped base's
+    assert content_hash(suite, PretrainConfig(knowledge_repeats=2)) != with_facts
+
+
 def test_pretrain_base_installs_the_shipped_base_for_its_key_and_trains_otherwise(suite, tmp_path, monkeypatch):
     config = PretrainConfig()
     root = tmp_path / "shipped_base"

@@ -4,7 +4,8 @@
     cmlora tiny-model --out runs/tiny-llava
     cmlora synth --out suite [--seed 0] [--grid 2] [--train-per-task 300] ...
     cmlora pretrain-base --suite suite --out base [--steps N] [--focus-steps N] [--question-steps N]
-                         [--locate-steps N] [--settle-steps N] [--vision-steps N] [--seed S]
+                         [--locate-steps N] [--settle-steps N] [--vision-steps N] [--knowledge-repeats N]
+                         [--seed S]
     cmlora eval --run RUN_DIR | --base MODEL [--adapter DIR]  --mme DIR --tasks DIR [--heldout FILE] [--blank-images]
     cmlora compare RUN_A RUN_B ...
     cmlora interference --run RUN_DIR | --base MODEL (--adapter DIR | --fresh lora) --data train.json --tasks a,b
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "focus phase (default: the recipe's)")
     base_parser.add_argument("--vision-steps", type=int, default=None,
                              help="stage 0 (vision tower) optimizer steps (default: the recipe's)")
+    base_parser.add_argument("--knowledge-repeats", type=int, default=0,
+                             help="mix the facts of the world the knowledge tasks need (cmlora.synth.knowledge) "
+                                  "into stage 1's text, each this many times (default 0: not at all)")
     base_parser.add_argument("--seed", type=int, default=0)
     base_parser.add_argument("--no-cache", action="store_true",
                              help="train even if the cache or the shipped base holds this base")
@@ -188,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  ("locate_steps", args.locate_steps),
                                                  ("settle_steps", args.settle_steps),
                                                  ("question_steps", args.question_steps)) if value is not None}
-        config = PretrainConfig(seed=args.seed, vision=vision, **steps)
+        if args.knowledge_repeats < 0:
+            raise SystemExit(f"--knowledge-repeats must be 0 or more, got {args.knowledge_repeats}")
+        config = PretrainConfig(seed=args.seed, vision=vision, knowledge_repeats=args.knowledge_repeats, **steps)
         out = pretrain_base(args.suite, args.out, config, use_cache=not args.no_cache)
         skills = json.loads((out / "base_eval.json").read_text())["skills"]
         print(f"[cmlora] base written to {out}; held-out accuracy: "
