@@ -63,6 +63,8 @@ def test_the_facts_are_part_of_the_key_only_when_the_base_reads_them(suite, monk
     monkeypatch.setattr(knowledge, "facts", lambda: ["A triangle has 4 corners."])
     assert content_hash(suite, PretrainConfig()) == without  # the default recipe's key: the shipped base's
     assert content_hash(suite, PretrainConfig(knowledge_repeats=2)) != with_facts
+    with pytest.raises(ValueError, match="knowledge_repeats must be 0 or more"):
+        PretrainConfig(knowledge_repeats=-1)
 
 
 def test_pretrain_base_installs_the_shipped_base_for_its_key_and_trains_otherwise(suite, tmp_path, monkeypatch):

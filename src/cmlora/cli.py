@@ -192,8 +192,6 @@ def main(argv: list[str] | None = None) -> int:
                                                  ("locate_steps", args.locate_steps),
                                                  ("settle_steps", args.settle_steps),
                                                  ("question_steps", args.question_steps)) if value is not None}
-        if args.knowledge_repeats < 0:
-            raise SystemExit(f"--knowledge-repeats must be 0 or more, got {args.knowledge_repeats}")
         config = PretrainConfig(seed=args.seed, vision=vision, knowledge_repeats=args.knowledge_repeats, **steps)
         out = pretrain_base(args.suite, args.out, config, use_cache=not args.no_cache)
         skills = json.loads((out / "base_eval.json").read_text())["skills"]

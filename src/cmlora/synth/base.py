@@ -107,6 +107,10 @@ class PretrainConfig:
     # "Facts of the world"). At 0 the facts are neither read nor part of the content hash.
     knowledge_repeats: int = 0
 
+    def __post_init__(self) -> None:
+        if self.knowledge_repeats < 0:
+            raise ValueError(f"knowledge_repeats must be 0 or more, got {self.knowledge_repeats}")
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("CMLORA_CACHE", Path.home() / ".cache" / "cmlora"))
