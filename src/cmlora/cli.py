@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "focus phase (default: the recipe's)")
     base_parser.add_argument("--vision-steps", type=int, default=None,
                              help="stage 0 (vision tower) optimizer steps (default: the recipe's)")
-    base_parser.add_argument("--knowledge-repeats", type=int, default=0,
+    base_parser.add_argument("--knowledge-repeats", type=int, default=None,
                              help="mix the facts of the world the knowledge tasks need (cmlora.synth.knowledge) "
-                                  "into stage 1's text, each this many times (default 0: not at all)")
+                                  "into stage 1's text, each this many times (default: the recipe's, 0)")
     base_parser.add_argument("--seed", type=int, default=0)
     base_parser.add_argument("--no-cache", action="store_true",
                              help="train even if the cache or the shipped base holds this base")
@@ -188,11 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         from .synth.vision import VisionPretrainConfig
 
         vision = VisionPretrainConfig(seed=args.seed, **({"steps": args.vision_steps} if args.vision_steps else {}))
-        steps = {name: value for name, value in (("steps", args.steps), ("focus_steps", args.focus_steps),
-                                                 ("locate_steps", args.locate_steps),
-                                                 ("settle_steps", args.settle_steps),
-                                                 ("question_steps", args.question_steps)) if value is not None}
-        config = PretrainConfig(seed=args.seed, vision=vision, knowledge_repeats=args.knowledge_repeats, **steps)
+        overrides = {name: getattr(args, name) for name in ("steps", "focus_steps", "locate_steps", "settle_steps",
+                                                            "question_steps", "knowledge_repeats")
+                     if getattr(args, name) is not None}
+        config = PretrainConfig(seed=args.seed, vision=vision, **overrides)
         out = pretrain_base(args.suite, args.out, config, use_cache=not args.no_cache)
         skills = json.loads((out / "base_eval.json").read_text())["skills"]
         print(f"[cmlora] base written to {out}; held-out accuracy: "

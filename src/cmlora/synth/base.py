@@ -248,7 +248,7 @@ def train_base(suite: Path, out: Path, config: PretrainConfig, log_every: int = 
     if config.locate_steps and not located:
         raise ValueError(f"locate_kind {config.locate_kind!r} starts no question kind of {suite / 'pretrain.json'}; "
                          f"its kinds: {sorted(set(kinds))}")
-    # read once: it parses every evaluation file of the suite
+    # The corpus is read once (it parses every evaluation file of the suite); the facts join it, if asked for.
     language = language_corpus(suite) + knowledge.facts() * config.knowledge_repeats
     vlm.tiny(out, config.spec, corpus=_tokenizer_corpus(suite, language))
     model, processor = vlm.load(out)

@@ -14,8 +14,8 @@ but not the number of tasks LoRA learns in its budget (BENCHMARKS.md, "Facts of 
 
 from __future__ import annotations
 
-from .scenes import COLOURS, LETTERS, NUMBER_WORDS, VOWELS, positions
-from .train_tasks import CORNERS, INVISIBLE, RELATIONS, VISIBLE, WARM, plural
+from .scenes import COLOURS, LETTERS, NUMBER_WORDS, VOWELS, Item, positions
+from .train_tasks import CORNERS, INVISIBLE, VISIBLE, WARM, plural, relations_between
 
 
 def _corners() -> list[str]:
@@ -62,15 +62,12 @@ def _properties() -> list[str]:
 
 def _cells() -> list[str]:
     """'Something at the top-left is above something at the bottom-left.', for every pair of cells of a 3x3 grid
-    and every relation that holds (a 2x2 grid's cells are named, and related, as the 3x3 grid's corners)."""
-    names = positions(3)
-    facts = []
-    for i, a in enumerate(names):
-        for j, b in enumerate(names):
-            for relation, (d_row, d_col) in RELATIONS.items():
-                if (i // 3 - j // 3) * d_row > 0 if d_row else (i % 3 - j % 3) * d_col > 0:
-                    facts.append(f"Something at the {a} is {relation} something at the {b}.")
-    return facts
+    and every relation that holds, as the tasks decide it (`relations_between`); a 2x2 grid's cells are named, and
+    related, as the 3x3 grid's corners."""
+    cells = list(zip(positions(3), [Item("shape", "circle", "red", row, col) for row in range(3) for col in range(3)],
+                     strict=True))
+    return [f"Something at the {a} is {relation} something at the {b}." for a, first in cells for b, second in cells
+            for relation, holds in relations_between(first, second).items() if holds]
 
 
 def facts() -> list[str]:
