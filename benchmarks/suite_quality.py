@@ -10,7 +10,8 @@ benchmarks/results/suite_quality.json.
     python benchmarks/suite_quality.py --suite suite --out runs/quality --seeds 0 1 2
 
 `--bases DIR` starts from bases trained before (`DIR/base-s<seed>`, as written by `cmlora pretrain-base`) instead
-of pretraining them, and reports the wall time their `base_eval.json` does not hold as null.
+of pretraining them, and reports the wall time their `base_eval.json` does not hold as null. `--config F` tunes
+with another config than configs/suite_lora.yaml.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def mme_acc(scores: dict) -> dict[str, float]:
     return {name: round(value["acc"], 3) for name, value in scores["mme"]["subtasks"].items()}
 
 
-def one_seed(suite: Path, out: Path, seed: int, interference_tasks: str | None, bases: Path | None = None) -> dict:
+def one_seed(suite: Path, out: Path, seed: int, interference_tasks: str | None, bases: Path | None = None,
+             config_path: Path = ROOT / "configs/suite_lora.yaml") -> dict:
     base, run = (bases or out) / f"base-s{seed}", out / f"lora-s{seed}"
     result: dict = {"seed": seed, "base_seconds": None}
     if bases is None:
@@ -50,9 +52,9 @@ def one_seed(suite: Path, out: Path, seed: int, interference_tasks: str | None, 
                                         str(seed), "--no-cache")
     result["base"] = {k: round(v["accuracy"], 3)
                       for k, v in json.loads((base / "base_eval.json").read_text())["skills"].items()}
-    config = yaml.safe_load((ROOT / "configs/suite_lora.yaml").read_text())
+    config = yaml.safe_load(config_path.read_text())
     replay = ["--replay_data", str(suite / "pretrain.json")] if config.get("replay_data") else []
-    result["lora_seconds"] = cmlora("train", "--config", str(ROOT / "configs/suite_lora.yaml"), "--model", str(base),
+    result["lora_seconds"] = cmlora("train", "--config", str(config_path), "--model", str(base),
                                     "--data", str(suite / "train.json"), "--image_folder", str(suite / "images"),
                                     "--output_dir", str(run), "--seed", str(seed), *replay)
     result["lora_train_runtime"] = round(json.loads((run / "metrics.json").read_text())["train_runtime"], 1)
@@ -85,10 +87,12 @@ def main() -> None:
                         "exists_true_false,read_digit,digit_word")
     parser.add_argument("--results", default=str(ROOT / "benchmarks/results/suite_quality.json"))
     parser.add_argument("--bases", type=Path, default=None, help="use DIR/base-s<seed> instead of pretraining")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs/suite_lora.yaml",
+                        help="the instruction-tuning config (default: configs/suite_lora.yaml)")
     args = parser.parse_args()
-    results = [one_seed(Path(args.suite), Path(args.out), seed, args.interference_tasks, args.bases)
+    results = [one_seed(Path(args.suite), Path(args.out), seed, args.interference_tasks, args.bases, args.config)
                for seed in args.seeds]
-    text = json.dumps({"suite": str(args.suite), "runs": results}, indent=1)
+    text = json.dumps({"suite": str(args.suite), "config": str(args.config), "runs": results}, indent=1)
     Path(args.results).write_text(text + "\n")
     print(text)
 

@@ -79,6 +79,32 @@ def test_lora_and_full_runs(workspace, adapter):
         assert torch.equal(dict(model.named_parameters())[name], dict(base.named_parameters())[name])
 
 
+@pytest.mark.parametrize("adapter", ["lora", "mixlora"])
+def test_train_output_head_trains_saves_and_reloads_the_output_layer(workspace, adapter):
+    run = train(tiny_config(workspace, f"{adapter}-head", adapter=adapter, max_steps=2, save_steps=100,
+                            train_output_head=True))
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    [head_key] = [k for k in saved if k.endswith(".lm_head.weight")]
+    base, _ = vlm.load(workspace[1])
+    assert not torch.equal(saved[head_key], base.lm_head.weight)  # trained
+    model, _ = load_run(run)
+    assert torch.equal(model.get_output_embeddings().weight, saved[head_key])  # and what a loaded run uses
+    assert torch.equal(model.get_input_embeddings().weight, base.get_input_embeddings().weight)  # embeddings kept
+    without = load_file(train(tiny_config(workspace, f"{adapter}-no-head", adapter=adapter, max_steps=2,
+                                          save_steps=100)) / "adapter" / "adapter_model.safetensors")
+    assert not any("lm_head" in k for k in without)
+
+
+def test_train_output_head_refuses_a_head_tied_to_the_input_embeddings(workspace):
+    from cmlora.train import output_head_name
+
+    model, _ = vlm.load(workspace[1])
+    assert output_head_name(model) == "lm_head"
+    model.lm_head.weight = model.get_input_embeddings().weight
+    with pytest.raises(ValueError, match="ties its output layer to its input embeddings"):
+        output_head_name(model)
+
+
 def test_config_errors_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: x\nnum_factor: 3\n")

@@ -4,8 +4,9 @@ One YAML file (configs/*.yaml) maps one-to-one onto `TrainConfig`; `cmlora train
 overrides single fields. A run directory holds:
 
     config.yaml             the resolved configuration (every field)
-    adapter/                the adapter in PEFT format (lora, mixlora); it also holds the projector, which PEFT
-                            saves as a `modules_to_save` weight in adapter_model.safetensors
+    adapter/                the adapter in PEFT format (lora, mixlora); it also holds the projector (and, with
+                            `train_output_head`, the output layer), which PEFT saves as `modules_to_save` weights
+                            in adapter_model.safetensors
     model/                  the whole model (adapter: full)
     metrics.json            final training metrics, the skip report, the router statistics
     log_history.jsonl       every logged step
@@ -80,6 +81,9 @@ class TrainConfig:
     target_modules: str | list[str] | None = field(
         default=None, metadata={"help": "Adapted modules; None: the language model's q,k,v,o,gate,up,down."})
     train_projector: bool = field(default=True, metadata={"help": "Train the vision-language projector in full."})
+    train_output_head: bool = field(default=False, metadata={
+        "help": "Also train the language model's output layer (lm_head) in full, saved with the adapter: for a "
+                "base whose output embeddings of the answer words are weak (the suite's from-scratch base)."})
     # optimisation
     epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: epochs)."})
@@ -144,7 +148,10 @@ def build_adapter_model(model: nn.Module, config: TrainConfig, num_tasks: int | 
 
     defaults = vlm.mixlora_targets(model)
     targets = config.target_modules or defaults["target_modules"]
-    modules_to_save = defaults["modules_to_save"] if config.train_projector else None
+    modules_to_save = list(defaults["modules_to_save"]) if config.train_projector else []
+    if config.train_output_head and config.adapter != "full":  # a full run trains the head anyway
+        modules_to_save.append(output_head_name(model))
+    modules_to_save = modules_to_save or None
     if config.adapter == "full":
         for name, param in model.named_parameters():
             in_language_model = "language_model" in name or "lm_head" in name
@@ -165,6 +172,18 @@ def build_adapter_model(model: nn.Module, config: TrainConfig, num_tasks: int | 
             num_tasks=num_tasks if config.routing == "task" else None,
         )
     return get_peft_model(model, adapter_config)
+
+
+def output_head_name(model: nn.Module) -> str:
+    """The name of `model`'s output layer; an error if it shares its weight with the input embeddings (training
+    it would train them too, which `train_output_head` does not promise)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"train_output_head: {type(model).__name__} has no output embeddings to train")
+    if head.weight is model.get_input_embeddings().weight:
+        raise ValueError("train_output_head: the model ties its output layer to its input embeddings; training one "
+                         "would train both. Set train_output_head: false, or untie them (tie_word_embeddings=False)")
+    return next(name for name, module in model.named_modules() if module is head)
 
 
 def router_statistics(model: nn.Module) -> dict[str, float]:
