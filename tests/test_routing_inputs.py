@@ -1,9 +1,11 @@
 """Routing inputs come from the model call itself (issue #2, behaviours 2-4): masks, batch invariance, KV caches."""
 
+import inspect
+
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaForCausalLM
 
 import cmlora
 from cmlora import MixLoraConfig
@@ -105,7 +107,15 @@ def test_reference_pooling_depends_on_padding():
     assert changed and (batched - alone).abs().max().item() > 1e-4
 
 
-def test_teacher_forcing_equals_prefill_then_cached_steps():
+# The names a model call takes its KV cache by: transformers 5.24 renamed `past_key_values` to `cache` (what
+# generate passes) and accepts the old name until 5.40; earlier 5.x releases know only the old one.
+CACHE_KEYWORDS = [name for name in ("cache", "past_key_values")
+                  if name == "past_key_values" or name in inspect.signature(LlamaForCausalLM.forward).parameters]
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("keyword", CACHE_KEYWORDS)
+def test_teacher_forcing_equals_prefill_then_cached_steps(keyword):
     model = mixlora("prompt")
     prompt, answer = random_tokens(1, 6, seed=7), random_tokens(1, 4, seed=8)
     full = torch.cat([prompt, answer], dim=1)
@@ -114,22 +124,24 @@ def test_teacher_forcing_equals_prefill_then_cached_steps():
     with torch.no_grad():
         forced = model(input_ids=full, labels=labels).logits
         cache = DynamicCache()
-        steps = [model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1]]
+        steps = [model(input_ids=prompt, **{keyword: cache}, use_cache=True).logits[:, -1]]
         for t in range(answer.shape[1] - 1):
-            steps.append(model(input_ids=answer[:, t: t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+            steps.append(model(input_ids=answer[:, t: t + 1], **{keyword: cache}, use_cache=True).logits[:, -1])
     incremental = torch.stack(steps, dim=1)
     assert (forced[:, prompt.shape[1] - 1: -1] - incremental).abs().max().item() <= 1e-4
 
 
-def test_continuing_a_cache_without_a_prefill_is_an_error():
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("keyword", CACHE_KEYWORDS)
+def test_continuing_a_cache_without_a_prefill_is_an_error(keyword):
     model = mixlora("prompt")
     other = tiny_llama()
     cache = DynamicCache()
     with torch.no_grad():
-        other(input_ids=random_tokens(2, 3), past_key_values=cache, use_cache=True)
+        other(input_ids=random_tokens(2, 3), **{keyword: cache}, use_cache=True)
         model.base_model.routing_context._selections.clear()
         with pytest.raises(RuntimeError, match="holds no routing from a prefill"):
-            model(input_ids=random_tokens(2, 1), past_key_values=cache, use_cache=True)
+            model(input_ids=random_tokens(2, 1), **{keyword: cache}, use_cache=True)
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])

@@ -38,12 +38,22 @@ def layer_index(module_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def call_cache(arguments: dict[str, Any]) -> object:
+    """The KV cache a model call was given. transformers 5.24 renamed the forward argument `past_key_values` to
+    `cache` (generate passes `cache`; the old name is still accepted, through **kwargs, until 5.40)."""
+    for name in ("cache", "past_key_values"):
+        if arguments.get(name) is not None:
+            return arguments[name]
+    return None
+
+
 class MixLoraModel(BaseTuner):
     """Creates a MixLoRA model from a transformers (or any torch) model; use it through `peft.get_peft_model`.
 
     Besides injecting layers, it registers a forward pre-hook on the wrapped model that hands each call's
-    `attention_mask`, `labels`, `past_key_values` and `mixlora_task_ids` (popped, so the model never sees it) to the
-    layers, and a forward hook that adds the router load-balancing loss to the output's loss when configured.
+    `attention_mask`, `labels`, KV cache (`call_cache`) and `mixlora_task_ids` (popped, so the model never sees
+    it) to the layers, and a forward hook that adds the router load-balancing loss to the output's loss when
+    configured.
     """
 
     prefix: str = PREFIX
@@ -101,19 +111,21 @@ class MixLoraModel(BaseTuner):
         if self.__dict__.get(_HOOKS_ATTR):
             return
         signature = inspect.signature(model.forward)
+        var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
         context = self.routing_context
 
         def before_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             task_ids = kwargs.pop(TASK_IDS_KWARG, None)
             try:
-                bound = signature.bind_partial(*args, **kwargs).arguments
+                bound = dict(signature.bind_partial(*args, **kwargs).arguments)
+                bound = {**bound.pop(var_keyword, {}), **bound}  # a name the signature takes through **kwargs
             except TypeError:
                 bound = kwargs
             context.begin_call(
                 attention_mask=bound.get("attention_mask"),
                 labels=bound.get("labels"),
                 task_ids=task_ids,
-                past_key_values=bound.get("past_key_values"),
+                past_key_values=call_cache(bound),
             )
             return args, kwargs
 
