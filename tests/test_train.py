@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import cmlora
@@ -114,6 +116,16 @@ def test_config_errors_and_overrides(tmp_path):
         "r": 8, "learning_rate": 4e-5, "target_modules": ["q_proj", "v_proj"]}
     with pytest.raises(ValueError, match="adapter must be one of"):
         TrainConfig(adapter="qlora")
+
+
+def test_train_command_overrides_a_field_whose_name_starts_another_flag(workspace):
+    from cmlora.cli import main
+
+    config = tiny_config(workspace, "cli-r", adapter="lora", max_steps=1, save_steps=100)
+    path = Path(config.output_dir).with_suffix(".yaml")
+    path.write_text(yaml.safe_dump({k: v for k, v in asdict(config).items() if k != "r"}))
+    assert main(["train", "--config", str(path), "--r", "3"]) == 0  # "--r" once read as an abbreviated --resume
+    assert load_config(Path(config.output_dir) / "config.yaml").r == 3
 
 
 KILLER = """

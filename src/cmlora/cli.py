@@ -80,8 +80,10 @@ def end_process_group() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmlora", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    # No abbreviations: "--r 8" is the field r, not a prefix of --resume.
     train_parser = commands.add_parser("train", help="instruction-tune a VLM (MixLoRA, LoRA or full)",
-                                       description="Any TrainConfig field can be overridden as --field value.")
+                                       description="Any TrainConfig field can be overridden as --field value.",
+                                       allow_abbrev=False)
     train_parser.add_argument("--config", help="YAML file of TrainConfig fields (configs/*.yaml)")
     train_parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     tiny_parser = commands.add_parser("tiny-model", help="write a tiny random LLaVA (model + processor), offline")
