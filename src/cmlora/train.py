@@ -147,17 +147,17 @@ def build_adapter_model(model: nn.Module, config: TrainConfig, num_tasks: int | 
     from peft import LoraConfig, get_peft_model
 
     defaults = vlm.mixlora_targets(model)
-    targets = config.target_modules or defaults["target_modules"]
-    modules_to_save = list(defaults["modules_to_save"]) if config.train_projector else []
-    if config.train_output_head and config.adapter != "full":  # a full run trains the head anyway
-        modules_to_save.append(output_head_name(model))
-    modules_to_save = modules_to_save or None
-    if config.adapter == "full":
+    if config.adapter == "full":  # the output layer trains with the language model
         for name, param in model.named_parameters():
             in_language_model = "language_model" in name or "lm_head" in name
             in_projector = any(m in name for m in defaults["modules_to_save"]) and config.train_projector
             param.requires_grad_(in_language_model or in_projector)
         return model
+    targets = config.target_modules or defaults["target_modules"]
+    modules_to_save = list(defaults["modules_to_save"]) if config.train_projector else []
+    if config.train_output_head:
+        modules_to_save.append(output_head_name(model))
+    modules_to_save = modules_to_save or None
     if config.adapter == "lora":
         adapter_config = LoraConfig(r=config.r, lora_alpha=config.lora_alpha or 2 * config.r,
                                     lora_dropout=config.lora_dropout, target_modules=targets,
