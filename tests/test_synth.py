@@ -21,7 +21,7 @@ from cmlora.evaluation.mme import MMERow, score_mme
 from cmlora.evaluation.scoring import score_task
 from cmlora.evaluation.tasks import SHORT_ANSWER, spec_for
 from cmlora.synth import write_suite
-from cmlora.synth.questions import untailed
+from cmlora.synth.questions import COUNT_BY, question_kind, untailed
 from cmlora.synth.scenes import (
     COLOURS,
     DIGITS_HELDOUT_START,
@@ -130,8 +130,6 @@ def test_training_records_load_and_cover_the_categories(suite, manifest, train):
 
 
 def test_synth_command_writes_the_natural_wording_and_the_suffix_share_when_asked(tmp_path):
-    from cmlora.synth.questions import question_kind
-
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in SIZES.items()]
     assert main(["synth", "--out", str(tmp_path / "s"), *flags, "--questions", "natural",
                  "--short-answer-share", "0.5"]) == 0
@@ -361,7 +359,9 @@ def test_pretrain_records_are_dense_and_eval_is_per_skill(suite, manifest):
         turns = record["conversations"]
         questions = [t["value"] for t in turns[0::2]]
         described = questions[-1] == "describe the image ."
-        assert len(questions) - described in range(1, 7) and len(set(questions)) == len(questions)
+        counted = sum(question_kind(q) in COUNT_BY for q in questions)  # one extra question, on some images
+        assert len(questions) - described - counted in range(1, 7) and counted <= 1
+        assert len(set(questions)) == len(questions)
     assert any(r["conversations"][-2]["value"] == "describe the image ." for r in records)
     held_out = json.loads((suite / "pretrain_eval.json").read_text())
     skills = Counter(r["task_name"] for r in held_out)
@@ -369,6 +369,68 @@ def test_pretrain_records_are_dense_and_eval_is_per_skill(suite, manifest):
     assert all(len(r["conversations"]) == 2 and len(r["conversations"][1]["value"].split()) <= 2 for r in held_out)
     pretrain_images = {r["image"] for r in records}
     assert not pretrain_images & {r["image"] for r in held_out}
+
+
+def test_count_questions_count_one_colour_or_one_shape_on_scenes_of_shapes_only():
+    from cmlora.synth.questions import count_questions
+    from cmlora.synth.suite import pretrain_scene
+
+    singular = {plural(shape): shape for shape in SHAPES}
+    sampler = Sampler(random.Random(6), grid=2)
+    answers, asked = Counter(), 0
+    for index in range(400):
+        scene = pretrain_scene(sampler)
+        style = ("plain", "natural")[index % 2]
+        found = count_questions(scene, sampler.rng, style)
+        if any(item.kind != "shape" for item in scene.items):
+            assert found == {}
+            continue
+        assert set(found) == set(COUNT_BY)
+        for skill, [(question, answer)] in found.items():
+            assert question_kind(question) == skill
+            named = untailed(question).split()[2]  # "how many red objects ...", "How many crosses are ..."
+            if skill == "count_colour":
+                assert named in COLOURS and answer == str(sum(i.colour == named for i in scene.items)), question
+            else:
+                assert answer == str(sum(i.label == singular[named] for i in scene.items)), question
+            assert question.startswith("How many" if style == "natural" else "how many")
+            answers[answer] += 1
+            asked += 1
+    assert asked > 300 and {"0", "1", "2"} <= set(answers)  # absent values are asked about too
+    with pytest.raises(ValueError, match="not a pretraining question"):
+        question_kind("how many dogs are there ?")
+
+
+def test_count_share_adds_one_count_question_to_that_share_of_the_images_of_shapes_and_nothing_else(tmp_path):
+    sizes = {**SIZES, "pretrain_images": 300}
+    without = write_suite(tmp_path / "a", 0, **sizes)  # the default: none
+    asked = write_suite(tmp_path / "b", 0, **sizes, count_share=0.5)
+    assert asked["options"] == {"count_share": 0.5} and "--count-share 0.5" in asked["command"]
+    assert "options" not in without and asked["pretrain"]["count_share"] == 0.5
+    assert not set(COUNT_BY) & set(without["pretrain"]["skills"]) and "count_share" not in without["pretrain"]
+    assert set(COUNT_BY) <= set(asked["pretrain"]["skills"])
+    lines = (tmp_path / "b" / "scenes.jsonl").read_text().splitlines()
+    scenes = {entry["image"]: Scene.from_dict(entry["scene"]) for entry in map(json.loads, lines)}
+    shapes_only = Counter()
+    plain, counted = (json.loads((tmp_path / name / "pretrain.json").read_text()) for name in ("a", "b"))
+    for before, after in zip(plain, counted, strict=True):
+        turns = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in
+                 zip(after["conversations"][::2], after["conversations"][1::2], strict=True)]
+        kept = [turn for turn in turns if question_kind(turn[0]) not in COUNT_BY]
+        assert [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(
+            before["conversations"][::2], before["conversations"][1::2], strict=True)] == kept  # the rest unchanged
+        extra = [i for i, turn in enumerate(turns) if question_kind(turn[0]) in COUNT_BY]
+        only_shapes = all(item.kind == "shape" for item in scenes[f"images/{after['image']}"].items)
+        assert only_shapes or not extra
+        if extra and turns[-1][0] == "describe the image .":
+            assert extra == [len(turns) - 2]  # asked before the description
+        shapes_only[bool(extra)] += only_shapes
+    assert 0.35 < shapes_only[True] / shapes_only.total() < 0.65
+    held_out = {name: Counter(r["task_name"] for r in json.loads((tmp_path / name / "pretrain_eval.json").read_text()))
+                for name in ("a", "b")}
+    assert not set(COUNT_BY) & set(held_out["a"]) and all(held_out["b"][skill] == 3 for skill in COUNT_BY)
+    with pytest.raises(ValueError, match="count_share"):
+        write_suite(tmp_path / "c", 0, **SIZES, count_share=1.5)
 
 
 def test_pretraining_asks_for_the_word_only_where_the_letters_spell_one():

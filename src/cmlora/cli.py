@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from .synth.suite import COUNT_SHARE
+
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     """`--key value` pairs (values read as YAML scalars: 3, 4e-5, true, null, [q_proj, v_proj]) into a dict."""
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     synth_parser.add_argument("--short-answer-share", type=float, default=0.0,
                               help="share of training instructions followed by LLaVA-1.5's 'Answer the question "
                                    "using a single word or phrase.' (default 0)")
+    synth_parser.add_argument("--count-share", type=float, default=COUNT_SHARE,
+                              help="share of the base's pretraining images of shapes alone that are also asked to "
+                                   f"count one colour or one shape (default {COUNT_SHARE}; opt-in, see BENCHMARKS.md)")
     base_parser = commands.add_parser("pretrain-base", help="train the tiny base on a suite (cached by content)")
     base_parser.add_argument("--suite", required=True, help="a folder written by cmlora synth")
     base_parser.add_argument("--out", required=True, help="folder to copy the trained base to")

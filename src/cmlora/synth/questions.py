@@ -16,6 +16,12 @@ Two wordings (`cmlora synth --questions`):
     question).
   None of these wordings is an MME question's: MME asks "Is the circle in this image red?", the base "Is the
   circle red?".
+
+In either wording, `count_questions` counts the objects of one colour or of one shape ("how many red objects are
+there ?", "how many crosses are there ?"). `cmlora synth --count-share S` (opt-in) asks one of them on that share
+of the images that hold only shapes, besides the sampled questions: the idea was to give LoRA a base that already
+does the computation of the tasks that count or compare counts. Measured in BENCHMARKS.md, "Counting by colour and
+by shape": it does not beat the shipped base yet.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ ASK = {
     "digit": "What digit is at the {position}?",
     "letter": "What letter is at the {position}?",
     "word": "What word is written?",
+    "count_colour": "How many {colour} objects are there?",
+    "count_shape": "How many {shapes} are there?",
 }
 # The default suite's wording (recipe 8, the shipped base's): lower case, the question mark apart, no verify skill
 # and no tails. `natural` (ASK, VERIFY, tails) is opt-in until it is measured on three seeds (BENCHMARKS.md).
@@ -59,7 +67,13 @@ PLAIN = {
     "digit": "what digit is at the {position} ?",
     "letter": "what letter is at the {position} ?",
     "word": "what word is written ?",
+    "count_colour": "how many {colour} objects are there ?",
+    "count_shape": "how many {shapes} are there ?",
 }
+# Counting the objects of one colour or one shape (`count_questions`): not among the skills a conversation samples
+# its questions from, but one extra question on a share of the images that hold only shapes (`cmlora synth
+# --count-questions`), so that the skills the conversations already teach keep their share of the turns.
+COUNT_BY = ("count_colour", "count_shape")
 QUESTION_STYLES = ("plain", "natural")
 # What a verify question is about -> its template (skill "verify", answered yes or no).
 VERIFY = {
@@ -77,6 +91,7 @@ VERIFY = {
 YES_NO_SKILLS = ("existence", "verify")
 _VALUES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "style": STYLES, "digit": tuple("0123456789"),
            "letter": tuple(LETTERS), "word": WORDS, "number": NUMBER_WORDS[2:10],
+           "shapes": tuple(tt.plural(shape) for shape in SHAPES),
            "position": tuple(dict.fromkeys(positions(2) + positions(3)))}
 
 
@@ -97,11 +112,13 @@ _PATTERNS = tuple((skill, template_pattern(template)) for skill, template in
                   [*PLAIN.items(), *ASK.items(), *(("verify", template) for template in VERIFY.values())])
 
 
-def pretrain_skills(style: str = "plain") -> tuple[str, ...]:
-    """The skills the pretraining questions of a style ask about."""
+def pretrain_skills(style: str = "plain", count_by: bool = False) -> tuple[str, ...]:
+    """The skills the pretraining questions of a style ask about (`count_by`: with counting by colour and by shape,
+    `count_questions`)."""
     if style not in QUESTION_STYLES:
         raise ValueError(f"question style must be one of {QUESTION_STYLES}, got {style!r}")
-    return (*PLAIN, "verify") if style == "natural" else tuple(PLAIN)
+    skills = tuple(skill for skill in PLAIN if count_by or skill not in COUNT_BY)
+    return (*skills, "verify") if style == "natural" else skills
 
 
 def references(scene: Scene, item: Item) -> list[str]:
@@ -196,6 +213,24 @@ def pretrain_questions(scene: Scene, rng: random.Random, style: str = "plain") -
     if not natural:
         return {skill: pairs for skill, pairs in found.items() if pairs}
     return {skill: [(_with_tail(q, skill, rng), a) for q, a in pairs] for skill, pairs in found.items() if pairs}
+
+
+def count_questions(scene: Scene, rng: random.Random, style: str = "plain") -> dict[str, list[tuple[str, str]]]:
+    """skill -> (question, answer) for counting the objects of one colour and of one shape ("how many red objects
+    are there ?", "how many crosses are there ?"), on a scene that holds only shapes (else {}). The colour or shape
+    is drawn as the training tasks count_colour and count_shape draw theirs (`train_tasks.count_of`: the commonest,
+    a present one or any), so the answers run from 0 to the number of objects."""
+    pretrain_skills(style)  # validates the style
+    if not scene.items or len(scene.shapes()) != len(scene.items):
+        return {}
+    templates = ASK if style == "natural" else PLAIN
+    colour, by_colour = tt.count_of(scene, rng, "colour", COLOURS)
+    shape, by_shape = tt.count_of(scene, rng, "label", SHAPES)
+    found = {"count_colour": [(templates["count_colour"].format(colour=colour), str(by_colour))],
+             "count_shape": [(templates["count_shape"].format(shapes=tt.plural(shape)), str(by_shape))]}
+    if style == "plain":
+        return found
+    return {skill: [(_with_tail(q, skill, rng), a) for q, a in pairs] for skill, pairs in found.items()}
 
 
 def untailed(question: str) -> str:

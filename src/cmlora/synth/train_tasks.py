@@ -123,7 +123,7 @@ def _with(item: Item | None, make: Callable[[Item], Answer]) -> Answer | None:
     return None if item is None else make(item)
 
 
-def _count_of(scene: Scene, rng: random.Random, attribute: str, values: tuple[str, ...]) -> tuple[str, int]:
+def count_of(scene: Scene, rng: random.Random, attribute: str, values: tuple[str, ...]) -> tuple[str, int]:
     """A value to count (the most frequent one, a present one, or any, so that counts are spread) and its count."""
     counts = Counter(getattr(item, attribute) for item in scene.items)
     draw = rng.random()
@@ -225,9 +225,9 @@ QUERIES: dict[str, Query] = {
     "size_of": Query(lambda sc, r, c: _with(_pick(unique_by(sc, lambda i: (i.colour, i.label)), r),
                                              lambda i: (obj(i), i.size)), _fixed(SIZES)),
     "count_colour": Query(lambda sc, r, c: (lambda v, n: ({"colour": v}, number(n, c)))(
-        *_count_of(sc, r, "colour", COLOURS)), _numbers(0, lambda g: min(MAX_ITEMS, g * g))),
+        *count_of(sc, r, "colour", COLOURS)), _numbers(0, lambda g: min(MAX_ITEMS, g * g))),
     "count_shape": Query(lambda sc, r, c: (lambda v, n: ({"shapes": plural(v)}, number(n, c)))(
-        *_count_of(sc, r, "label", SHAPES)), _numbers(0, lambda g: min(MAX_ITEMS, g * g))),
+        *count_of(sc, r, "label", SHAPES)), _numbers(0, lambda g: min(MAX_ITEMS, g * g))),
     "more": Query(_more, _YES_NO),
     "majority": Query(_majority, _fixed(COLOURS)),
     "relation": Query(_relation, _YES_NO),
