@@ -186,7 +186,6 @@ def write_pretrain(writer: Writer, seed: int, grid: int, images: int, eval_per_s
     _dump(writer.root / "pretrain.json", records)
     held_out, counts = [], {}
     skills = pretrain_skills(style, count_by=count_share > 0)
-
     for skill in skills:
         sampler = Sampler(stream(seed, f"pretrain_eval:{skill}"), grid)
         ask = count_questions if skill in COUNT_BY else pretrain_questions
