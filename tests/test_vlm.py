@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import LlamaConfig
 
 import cmlora
-from cmlora.vlm import QWEN2_VL_TOKENS, load, mixlora_targets, tiny, tiny_qwen2_vl, tiny_tokenizer
+from cmlora.vlm import QWEN2_VL_TOKENS, TinySpec, load, mixlora_targets, tiny, tiny_qwen2_vl, tiny_tokenizer
 
 VISION_TOWERS = ("vision_tower", "visual")
 PROJECTORS = {"llava": "multi_modal_projector", "qwen2_vl": "visual.merger"}
@@ -182,3 +182,23 @@ def test_tiny_tokenizer_writes_capitals_and_digits_one_token_each():
     assert pieces(" 12") == ["Ġ1", "2"]
     assert pieces(" Q 7") == ["ĠQ", "Ġ7"]  # never in the corpus, still one token each with its space
     assert tokenizer.decode(tokenizer(" DOOR 12", add_special_tokens=False).input_ids) == " DOOR 12"
+
+
+def test_fold_case_tokenizer_reads_prose_as_the_plain_wording_and_keeps_letters(tmp_path):
+    """With `fold_case`, an instruction written as prose encodes to the same tokens as the base's lower-case
+    question with its punctuation apart; capitals read off an image (letters, capital words) are left alone.
+    The rules travel with the saved tokenizer, and without the option nothing changes."""
+    corpus = ["is there a red circle ? answer yes or no . what word is written ? RAIN . the letter is A"] * 50
+    prose, plain = "Is there a red circle? Answer yes or no.", "is there a red circle ? answer yes or no ."
+    tiny(tmp_path / "folded", TinySpec(fold_case=True), corpus=corpus)
+    _, processor = load(tmp_path / "folded")
+    for tokenizer in (tiny_tokenizer(512, corpus, fold_case=True), processor.tokenizer):
+        def ids(text, tokenizer=tokenizer):
+            return tokenizer(text, add_special_tokens=False).input_ids
+
+        assert ids(prose) == ids(plain)
+        assert ids("What word is written? RAIN.") == ids("what word is written ? RAIN .")
+        assert tokenizer.convert_ids_to_tokens(ids(" RAIN A")) == ["ĠR", "A", "I", "N", "ĠA"]
+        assert tokenizer.decode(ids("Is the letter A?")) == "is the letter A ?"
+    cased = tiny_tokenizer(512, corpus)
+    assert cased(prose).input_ids != cased(plain).input_ids

@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     base_parser.add_argument("--knowledge-repeats", type=int, default=None,
                              help="mix the facts of the world the knowledge tasks need (cmlora.synth.knowledge) "
                                   "into stage 1's text, each this many times (default: the recipe's, 0)")
+    base_parser.add_argument("--fold-case", action="store_true",
+                             help="a tokenizer that reads prose as the plain questions ('Is the circle red?' as "
+                                  "'is the circle red ?'; opt-in, see BENCHMARKS.md)")
     base_parser.add_argument("--seed", type=int, default=0)
     base_parser.add_argument("--no-cache", action="store_true",
                              help="train even if the cache or the shipped base holds this base")
@@ -201,15 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[cmlora] suite written to {args.out}: {manifest['train_records']} training records, "
               f"{len(manifest['train_tasks'])} tasks, {len(manifest['eval_tasks'])} eval files, MME in {args.out}/mme")
     if args.command == "pretrain-base":
+        import dataclasses
         import json
 
-        from .synth.base import PretrainConfig, pretrain_base
+        from .synth.base import BASE_SPEC, PretrainConfig, pretrain_base
         from .synth.vision import VisionPretrainConfig
 
         vision = VisionPretrainConfig(seed=args.seed, **({"steps": args.vision_steps} if args.vision_steps else {}))
         overrides = {name: getattr(args, name) for name in ("steps", "focus_steps", "locate_steps", "settle_steps",
                                                             "question_steps", "knowledge_repeats")
                      if getattr(args, name) is not None}
+        if args.fold_case:
+            overrides["spec"] = dataclasses.replace(BASE_SPEC, fold_case=True)
         config = PretrainConfig(seed=args.seed, vision=vision, **overrides)
         out = pretrain_base(args.suite, args.out, config, use_cache=not args.no_cache)
         skills = json.loads((out / "base_eval.json").read_text())["skills"]

@@ -163,6 +163,10 @@ class TinySpec:
     seed: int = 0
     vision_intermediate: int | None = None  # None: 2 * vision_hidden
     vision_feature_layer: int = -2  # LLaVA's choice; a 2-layer tower trained from scratch does better with -1
+    # The tokenizer reads prose as the plain wording (`fold_case_rules`): "Is the circle red? Answer yes or no." as
+    # "is the circle red ? answer yes or no .". Off: every capital is a token of its own, so "Is" is the letter I
+    # and an s, and "red?" is not "red ?".
+    fold_case: bool = False
 
 
 _TOKENIZER_CORPUS = (
@@ -176,8 +180,20 @@ _TOKENIZER_CORPUS = (
 )
 
 
+def fold_case_rules() -> Any:
+    """A tokenizer normalizer that writes prose as the tiny base's plain questions are written: a capital that
+    starts a word of lower-case letters is lowered ("Is" -> "is", "Answer" -> "answer"), and punctuation that ends a
+    word or number gets a space before it ("red?" -> "red ?"). Capitals that stand alone or in capital words ("A",
+    "CAT": letters and words read from an image) keep their case, so the letter and word skills are unchanged."""
+    from tokenizers import Regex, normalizers
+
+    lowered = [normalizers.Replace(Regex(f"(?<![A-Za-z]){c}(?=[a-z])"), c.lower()) for c in string.ascii_uppercase]
+    spaced = [normalizers.Replace(Regex(f"(?<=[A-Za-z0-9])\\{mark}"), f" {mark}") for mark in "?.!,:;"]
+    return normalizers.Sequence(lowered + spaced)
+
+
 def _byte_level_bpe(vocab_size: int, specials: list[str], corpus: Sequence[str] | None = None,
-                    **special_tokens: Any) -> Any:
+                    fold_case: bool = False, **special_tokens: Any) -> Any:
     """A byte-level BPE tokenizer trained here, on `corpus` or a small built-in one: any text encodes, nothing
     downloads. Trained on the texts a model will see, frequent words become single tokens (short sequences).
 
@@ -188,6 +204,8 @@ def _byte_level_bpe(vocab_size: int, specials: list[str], corpus: Sequence[str] 
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    if fold_case:
+        tokenizer.normalizer = fold_case_rules()
     # Every digit and capital letter is a token of its own (with the space before it, if any), as LLaMA's tokenizer
     # does for digits: "RAIN" is R A I N and "12" is 1 2, so a model that reads letters and digits one cell at a
     # time writes words and numbers with the tokens it already knows, not with merges like "AI" it saw rarely.
@@ -205,9 +223,11 @@ def _byte_level_bpe(vocab_size: int, specials: list[str], corpus: Sequence[str] 
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_tokens)
 
 
-def tiny_tokenizer(vocab_size: int = 512, corpus: Sequence[str] | None = None) -> Any:
-    """LLaVA's tiny tokenizer: a locally trained byte-level BPE with <s>, </s>, <pad> and <image>."""
-    return _byte_level_bpe(vocab_size, ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN], corpus, unk_token="<unk>",
+def tiny_tokenizer(vocab_size: int = 512, corpus: Sequence[str] | None = None, fold_case: bool = False) -> Any:
+    """LLaVA's tiny tokenizer: a locally trained byte-level BPE with <s>, </s>, <pad> and <image> (`fold_case`:
+    with `fold_case_rules` as its normalizer)."""
+    return _byte_level_bpe(vocab_size, ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN], corpus, fold_case,
+                           unk_token="<unk>",
                            bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                            extra_special_tokens={"image_token": IMAGE_TOKEN})
 
@@ -236,7 +256,7 @@ def tiny(out_dir: str | Path, spec: TinySpec | None = None, corpus: Sequence[str
     spec = spec or TinySpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny_tokenizer(spec.vocab_size, corpus)
+    tokenizer = tiny_tokenizer(spec.vocab_size, corpus, spec.fold_case)
     image_tokens = (spec.image_size // spec.patch_size) ** 2
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
