@@ -544,6 +544,24 @@ def test_pretraining_questions_carry_answer_format_tails_on_a_share_and_never_an
     assert len(mme) > 150 and not mme & asked
 
 
+def test_tailed_questions_are_the_plain_ones_with_natural_tails_and_no_verify():
+    from cmlora.synth.questions import PLAIN, TAIL_PROBABILITY, YES_NO, pretrain_questions, template_pattern
+    from cmlora.synth.suite import pretrain_scene
+
+    sampler = Sampler(random.Random(8), grid=2)
+    tailed = [(skill, question) for _ in range(300)
+              for skill, pairs in pretrain_questions(pretrain_scene(sampler), sampler.rng, "tailed").items()
+              for question, _ in pairs]
+    plain = [template_pattern(template) for template in PLAIN.values()]
+    assert "verify" not in {skill for skill, _ in tailed}
+    for skill, question in tailed:
+        assert any(pattern.fullmatch(untailed(question)) for pattern in plain), question
+        assert question_kind(question).split(" by ")[0] == skill
+    share = sum(question != untailed(question) for _, question in tailed) / len(tailed)
+    assert abs(share - TAIL_PROBABILITY) < 0.04
+    assert any(skill == "existence" and YES_NO in question for skill, question in tailed)
+
+
 def test_question_kind_names_every_pretraining_question_by_skill_and_way_of_naming():
     from cmlora.synth.questions import DESCRIBE, pretrain_questions, question_kind
     from cmlora.synth.suite import pretrain_scene

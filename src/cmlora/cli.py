@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                           ("--pretrain-eval-per-skill", 100), ("--train-eval-per-task", 30)):
         synth_parser.add_argument(flag, type=int, default=default, help=f"default {default}")
     synth_parser.add_argument("--font", default="auto", choices=["auto", "freetype", "bitmap"])
-    synth_parser.add_argument("--questions", default="plain", choices=["plain", "natural"],
+    synth_parser.add_argument("--questions", default="plain", choices=["plain", "natural", "tailed"],
                               help="wording of the base's pretraining questions; natural: as instructions are, with "
-                                   "yes/no verify questions and answer-format tails (opt-in, see BENCHMARKS.md)")
+                                   "yes/no verify questions and answer-format tails; tailed: plain, with the tails "
+                                   "(both opt-in, see BENCHMARKS.md)")
     synth_parser.add_argument("--short-answer-share", type=float, default=0.0,
                               help="share of training instructions followed by LLaVA-1.5's 'Answer the question "
                                    "using a single word or phrase.' (default 0)")

@@ -1,6 +1,6 @@
 """The base's pretraining questions: what stage 1 asks about a scene, in which words, and which lookup each is.
 
-Two wordings (`cmlora synth --questions`):
+Three wordings (`cmlora synth --questions`):
 - "plain" (the default, recipe 8's and the shipped base's): "where is the red circle ?", lower case, the question
   mark apart;
 - "natural" (opt-in, measured on one seed so far; BENCHMARKS.md, ninth session): written as instructions and
@@ -15,7 +15,11 @@ Two wordings (`cmlora synth --questions`):
     short-answer instruction of LLaVA-1.5's data (`SHORT_ANSWER`, which LLaVA's MME protocol appends to every
     question).
   None of these wordings is an MME question's: MME asks "Is the circle in this image red?", the base "Is the
-  circle red?".
+  circle red?";
+- "tailed" (opt-in, one development run; BENCHMARKS.md, twelfth session): the plain questions with natural's
+  answer-format tails and no verify skill ("is there a red circle ? Answer yes or no."). Meant for a base whose
+  tokenizer folds case (`pretrain-base --fold-case`), which reads the natural questions as the plain ones: only
+  the tails are then new, and words after a question were what broke the base's lookups.
 
 In either wording, `count_questions` counts the objects of one colour or of one shape ("how many red objects are
 there ?", "how many crosses are there ?"). `cmlora synth --count-share S` (opt-in) asks one of them on that share
@@ -74,7 +78,8 @@ PLAIN = {
 # its questions from, but one extra question on a share of the images that hold only shapes (`cmlora synth
 # --count-questions`), so that the skills the conversations already teach keep their share of the turns.
 COUNT_BY = ("count_colour", "count_shape")
-QUESTION_STYLES = ("plain", "natural")
+QUESTION_STYLES = ("plain", "natural", "tailed")
+TAILED_STYLES = ("natural", "tailed")  # the styles whose questions get answer-format tails
 # What a verify question is about -> its template (skill "verify", answered yes or no).
 VERIFY = {
     "colour": "Is the {shape} {colour}?",
@@ -177,7 +182,7 @@ def _with_tail(question: str, skill: str, rng: random.Random) -> str:
 
 def pretrain_questions(scene: Scene, rng: random.Random, style: str = "plain") -> dict[str, list[tuple[str, str]]]:
     """skill -> the (question, answer) pairs this scene answers unambiguously, in the wording of `style` ("natural":
-    with the verify skill, and some with an answer-format tail).
+    with the verify skill; "natural" and "tailed": some with an answer-format tail).
 
     "Where is ...?" and "Is ... small or large?" name their object by shape, by colour or by both, whichever
     names it alone. Named by colour and shape always, they could all be answered by finding the object by its
@@ -210,7 +215,7 @@ def pretrain_questions(scene: Scene, rng: random.Random, style: str = "plain") -
         colour, shape = tt.hard_negative(scene, rng)
         found["existence"] = [(_ask("existence", colour=item.colour, shape=item.label), "yes"),
                               (_ask("existence", colour=colour, shape=shape), "no")]
-    if not natural:
+    if style not in TAILED_STYLES:
         return {skill: pairs for skill, pairs in found.items() if pairs}
     return {skill: [(_with_tail(q, skill, rng), a) for q, a in pairs] for skill, pairs in found.items() if pairs}
 
@@ -228,7 +233,7 @@ def count_questions(scene: Scene, rng: random.Random, style: str = "plain") -> d
     shape, by_shape = tt.count_of(scene, rng, "label", SHAPES)
     found = {"count_colour": [(templates["count_colour"].format(colour=colour), str(by_colour))],
              "count_shape": [(templates["count_shape"].format(shapes=tt.plural(shape)), str(by_shape))]}
-    if style == "plain":
+    if style not in TAILED_STYLES:
         return found
     return {skill: [(_with_tail(q, skill, rng), a) for q, a in pairs] for skill, pairs in found.items()}
 

@@ -427,7 +427,9 @@ def readme(m: dict[str, Any]) -> str:
               "by colour or by both, whichever names it alone) "
               + (f"in the '{p['questions']}' wording: written as instructions are, 'verify' asking yes or no about "
                  f"what the others name (half of it true), a share ({p['tail_probability']}) with an answer-format "
-                 f"tail ('{YES_NO}', '{SHORT_ANSWER}'); " if "questions" in p else "")
+                 f"tail ('{YES_NO}', '{SHORT_ANSWER}'); " if p.get("questions") == "natural" else "")
+              + (f"in the '{p['questions']}' wording: plain, a share ({p['tail_probability']}) with an answer-format "
+                 f"tail ('{YES_NO}', '{SHORT_ANSWER}'); " if p.get("questions") == "tailed" else "")
               + (f"on {p['count_share']:.0%} of the images that hold only shapes, one more question counting "
                  "one colour or one shape ('how many red objects are there ?', 'how many crosses are there ?'; "
                  "skills count_colour, count_shape); " if "count_share" in p else "")
