@@ -21,7 +21,7 @@ Three wordings (`cmlora synth --questions`):
   tokenizer folds case (`pretrain-base --fold-case`), which reads the natural questions as the plain ones: only
   the tails are then new, and words after a question were what broke the base's lookups.
 
-In either wording, `count_questions` counts the objects of one colour or of one shape ("how many red objects are
+In any wording, `count_questions` counts the objects of one colour or of one shape ("how many red objects are
 there ?", "how many crosses are there ?"). `cmlora synth --count-share S` (opt-in) asks one of them on that share
 of the images that hold only shapes, besides the sampled questions: the idea was to give LoRA a base that already
 does the computation of the tasks that count or compare counts. Measured in BENCHMARKS.md, "Counting by colour and
@@ -76,7 +76,7 @@ PLAIN = {
 }
 # Counting the objects of one colour or one shape (`count_questions`): not among the skills a conversation samples
 # its questions from, but one extra question on a share of the images that hold only shapes (`cmlora synth
-# --count-questions`), so that the skills the conversations already teach keep their share of the turns.
+# --count-share`), so that the skills the conversations already teach keep their share of the turns.
 COUNT_BY = ("count_colour", "count_shape")
 QUESTION_STYLES = ("plain", "natural", "tailed")
 TAILED_STYLES = ("natural", "tailed")  # the styles whose questions get answer-format tails
@@ -180,6 +180,20 @@ def _with_tail(question: str, skill: str, rng: random.Random) -> str:
     return f"{question} {SHORT_ANSWER}"
 
 
+def _templates(style: str) -> dict[str, str]:
+    return ASK if style == "natural" else PLAIN
+
+
+Pairs = dict[str, list[tuple[str, str]]]  # skill -> (question, answer) pairs
+
+
+def _tails_on(found: Pairs, style: str, rng: random.Random) -> Pairs:
+    """`found` without its empty skills, each question with its answer-format tail in the styles that have them."""
+    if style not in TAILED_STYLES:
+        return {skill: pairs for skill, pairs in found.items() if pairs}
+    return {skill: [(_with_tail(q, skill, rng), a) for q, a in pairs] for skill, pairs in found.items() if pairs}
+
+
 def pretrain_questions(scene: Scene, rng: random.Random, style: str = "plain") -> dict[str, list[tuple[str, str]]]:
     """skill -> the (question, answer) pairs this scene answers unambiguously, in the wording of `style` ("natural":
     with the verify skill; "natural" and "tailed": some with an answer-format tail).
@@ -190,7 +204,7 @@ def pretrain_questions(scene: Scene, rng: random.Random, style: str = "plain") -
     lookup did not form (BENCHMARKS.md)."""
     pretrain_skills(style)  # validates the style
     natural = style == "natural"
-    templates = ASK if natural else PLAIN
+    templates = _templates(style)
 
     def _ask(skill: str, **slots: str) -> str:
         return templates[skill].format(**slots)
@@ -215,9 +229,7 @@ def pretrain_questions(scene: Scene, rng: random.Random, style: str = "plain") -
         colour, shape = tt.hard_negative(scene, rng)
         found["existence"] = [(_ask("existence", colour=item.colour, shape=item.label), "yes"),
                               (_ask("existence", colour=colour, shape=shape), "no")]
-    if style not in TAILED_STYLES:
-        return {skill: pairs for skill, pairs in found.items() if pairs}
-    return {skill: [(_with_tail(q, skill, rng), a) for q, a in pairs] for skill, pairs in found.items() if pairs}
+    return _tails_on(found, style, rng)
 
 
 def count_questions(scene: Scene, rng: random.Random, style: str = "plain") -> dict[str, list[tuple[str, str]]]:
@@ -228,14 +240,12 @@ def count_questions(scene: Scene, rng: random.Random, style: str = "plain") -> d
     pretrain_skills(style)  # validates the style
     if not scene.items or len(scene.shapes()) != len(scene.items):
         return {}
-    templates = ASK if style == "natural" else PLAIN
+    templates = _templates(style)
     colour, by_colour = tt.count_of(scene, rng, "colour", COLOURS)
     shape, by_shape = tt.count_of(scene, rng, "label", SHAPES)
     found = {"count_colour": [(templates["count_colour"].format(colour=colour), str(by_colour))],
              "count_shape": [(templates["count_shape"].format(shapes=tt.plural(shape)), str(by_shape))]}
-    if style not in TAILED_STYLES:
-        return found
-    return {skill: [(_with_tail(q, skill, rng), a) for q, a in pairs] for skill, pairs in found.items()}
+    return _tails_on(found, style, rng)
 
 
 def untailed(question: str) -> str:
