@@ -458,7 +458,7 @@ def test_pretraining_names_an_object_by_shape_colour_or_both_whichever_is_unique
     assert references(scene, blue_circle) == ["blue object", "blue circle"]
     asked = Counter()
     for seed in range(40):
-        found = pretrain_questions(scene, random.Random(seed))
+        found = pretrain_questions(scene, random.Random(seed), "plain")
         for question, answer in found["position"]:
             name = question.removeprefix("where is the ").removesuffix(" ?")
             item = next(i for i in scene.items if name in references(scene, i))
@@ -560,6 +560,20 @@ def test_tailed_questions_are_the_plain_ones_with_natural_tails_and_no_verify():
     share = sum(question != untailed(question) for _, question in tailed) / len(tailed)
     assert abs(share - TAIL_PROBABILITY) < 0.04
     assert any(skill == "existence" and YES_NO in question for skill, question in tailed)
+
+
+def test_the_default_suite_is_tailed_and_records_its_wording_but_only_other_wordings_as_options(suite, manifest,
+                                                                                                 tmp_path):
+    from cmlora.synth.questions import DEFAULT_STYLE, TAIL_PROBABILITY, untailed
+
+    assert DEFAULT_STYLE == "tailed" and "options" not in manifest
+    assert manifest["pretrain"]["questions"] == "tailed"
+    assert manifest["pretrain"]["tail_probability"] == TAIL_PROBABILITY
+    questions = [r["conversations"][0]["value"] for r in json.loads((suite / "pretrain_eval.json").read_text())]
+    assert any(q != untailed(q) for q in questions) and "tail ('" in (suite / "README.md").read_text()
+    plain = write_suite(tmp_path / "plain", 0, **SIZES, questions="plain")
+    assert plain["options"] == {"questions": "plain"} and "tail_probability" not in plain["pretrain"]
+    assert "'plain' wording" in (tmp_path / "plain" / "README.md").read_text()
 
 
 def test_question_kind_names_every_pretraining_question_by_skill_and_way_of_naming():

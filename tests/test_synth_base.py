@@ -195,13 +195,13 @@ def test_pretrain_base_command(suite, tmp_path, capsys):
 
     main(["pretrain-base", "--suite", str(suite), "--out", str(tmp_path / "base"), "--steps", "3",
           "--focus-steps", "4", "--question-steps", "2", "--locate-steps", "5", "--settle-steps", "6",
-          "--vision-steps", "2", "--knowledge-repeats", "3", "--fold-case"])
+          "--vision-steps", "2", "--knowledge-repeats", "3", "--no-fold-case"])
     out = capsys.readouterr().out
     assert "held-out accuracy: colour" in out
     report = json.loads((tmp_path / "base" / "base_eval.json").read_text())
-    assert report["config"]["knowledge_repeats"] == 3 and report["config"]["spec"]["fold_case"] is True
-    tokenizer = vlm.load(tmp_path / "base")[1].tokenizer
-    assert tokenizer("Is it red?").input_ids == tokenizer("is it red ?").input_ids
+    assert report["config"]["knowledge_repeats"] == 3 and report["config"]["spec"]["fold_case"] is False
+    tokenizer = vlm.load(tmp_path / "base")[1].tokenizer  # cased: capitals are tokens of their own
+    assert tokenizer("Is it red?").input_ids != tokenizer("is it red ?").input_ids
     training = report["training"]
     assert [training[name]["steps"] for name in ("vision", "conversations", "focus", "questions", "locate", "settle")] \
         == [2, 3, 4, 2, 5, 6]

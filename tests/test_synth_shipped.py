@@ -67,14 +67,14 @@ def test_the_facts_are_part_of_the_key_only_when_the_base_reads_them(suite, monk
         PretrainConfig(knowledge_repeats=-1)
 
 
-def test_the_case_folding_tokenizer_is_part_of_the_key_only_when_on(suite):
-    from dataclasses import asdict, replace
+def test_the_base_folds_case_by_default_and_the_cased_tokenizer_has_a_key_of_its_own(suite):
+    from dataclasses import replace
 
     from cmlora.synth.base import BASE_SPEC
 
-    assert not BASE_SPEC.fold_case and "fold_case" in asdict(BASE_SPEC)
-    folded = PretrainConfig(spec=replace(BASE_SPEC, fold_case=True))
-    assert content_hash(suite, folded) != content_hash(suite, PretrainConfig())
+    assert BASE_SPEC.fold_case
+    cased = PretrainConfig(spec=replace(BASE_SPEC, fold_case=False))
+    assert content_hash(suite, cased) != content_hash(suite, PretrainConfig())
 
 
 def test_pretrain_base_installs_the_shipped_base_for_its_key_and_trains_otherwise(suite, tmp_path, monkeypatch):

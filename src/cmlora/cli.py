@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from .synth.questions import DEFAULT_STYLE, QUESTION_STYLES
 from .synth.suite import COUNT_SHARE
 
 
@@ -99,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
                           ("--pretrain-eval-per-skill", 100), ("--train-eval-per-task", 30)):
         synth_parser.add_argument(flag, type=int, default=default, help=f"default {default}")
     synth_parser.add_argument("--font", default="auto", choices=["auto", "freetype", "bitmap"])
-    synth_parser.add_argument("--questions", default="plain", choices=["plain", "natural", "tailed"],
-                              help="wording of the base's pretraining questions; natural: as instructions are, with "
-                                   "yes/no verify questions and answer-format tails; tailed: plain, with the tails "
-                                   "(both opt-in, see BENCHMARKS.md)")
+    synth_parser.add_argument("--questions", default=DEFAULT_STYLE, choices=list(QUESTION_STYLES),
+                              help="wording of the base's pretraining questions; plain: 'where is the red circle ?'; "
+                                   "tailed (default): plain, a share with an answer-format tail ('... ? Answer yes "
+                                   "or no.'); natural: as instructions are, with yes/no verify questions and the "
+                                   "tails (see BENCHMARKS.md)")
     synth_parser.add_argument("--short-answer-share", type=float, default=0.0,
                               help="share of training instructions followed by LLaVA-1.5's 'Answer the question "
                                    "using a single word or phrase.' (default 0)")
@@ -131,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     base_parser.add_argument("--knowledge-repeats", type=int, default=None,
                              help="mix the facts of the world the knowledge tasks need (cmlora.synth.knowledge) "
                                   "into stage 1's text, each this many times (default: the recipe's, 0)")
-    base_parser.add_argument("--fold-case", action="store_true",
+    base_parser.add_argument("--fold-case", action=argparse.BooleanOptionalAction, default=None,
                              help="a tokenizer that reads prose as the plain questions ('Is the circle red?' as "
-                                  "'is the circle red ?'; opt-in, see BENCHMARKS.md)")
+                                  "'is the circle red ?'; default: the recipe's, on; --no-fold-case for the cased "
+                                  "tokenizer of the bases before it, see BENCHMARKS.md)")
     base_parser.add_argument("--seed", type=int, default=0)
     base_parser.add_argument("--no-cache", action="store_true",
                              help="train even if the cache or the shipped base holds this base")
@@ -215,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {name: getattr(args, name) for name in ("steps", "focus_steps", "locate_steps", "settle_steps",
                                                             "question_steps", "knowledge_repeats")
                      if getattr(args, name) is not None}
-        if args.fold_case:
-            overrides["spec"] = dataclasses.replace(BASE_SPEC, fold_case=True)
+        if args.fold_case is not None:
+            overrides["spec"] = dataclasses.replace(BASE_SPEC, fold_case=args.fold_case)
         config = PretrainConfig(seed=args.seed, vision=vision, **overrides)
         out = pretrain_base(args.suite, args.out, config, use_cache=not args.no_cache)
         skills = json.loads((out / "base_eval.json").read_text())["skills"]

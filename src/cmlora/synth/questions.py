@@ -1,8 +1,8 @@
 """The base's pretraining questions: what stage 1 asks about a scene, in which words, and which lookup each is.
 
 Three wordings (`cmlora synth --questions`):
-- "plain" (the default, recipe 8's and the shipped base's): "where is the red circle ?", lower case, the question
-  mark apart;
+- "plain" (the default up to the twelfth session): "where is the red circle ?", lower case, the question mark
+  apart;
 - "natural" (opt-in, measured on one seed so far; BENCHMARKS.md, ninth session): written as instructions and
   benchmarks write them ("Where is the red circle?"). The tiny tokenizer gives every capital its own token and
   reads "circle?" as "circle" "?", so the plain wording binds the base's skills to tokens that no instruction uses
@@ -16,10 +16,11 @@ Three wordings (`cmlora synth --questions`):
     question).
   None of these wordings is an MME question's: MME asks "Is the circle in this image red?", the base "Is the
   circle red?";
-- "tailed" (opt-in, one development run; BENCHMARKS.md, twelfth session): the plain questions with natural's
-  answer-format tails and no verify skill ("is there a red circle ? Answer yes or no."). Meant for a base whose
-  tokenizer folds case (`pretrain-base --fold-case`), which reads the natural questions as the plain ones: only
-  the tails are then new, and words after a question were what broke the base's lookups.
+- "tailed" (the default, `DEFAULT_STYLE`, and the shipped base's; BENCHMARKS.md, "A tokenizer that reads prose as
+  the base's questions"): the plain questions with natural's answer-format tails and no verify skill ("is there a
+  red circle ? Answer yes or no."). It goes with the base's case-folding tokenizer (`vlm.TinySpec.fold_case`, on
+  in `base.BASE_SPEC`), which reads the natural questions as the plain ones: only the tails are then new, and
+  words after a question were what broke the base's lookups.
 
 In any wording, `count_questions` counts the objects of one colour or of one shape ("how many red objects are
 there ?", "how many crosses are there ?"). `cmlora synth --count-share S` (opt-in) asks one of them on that share
@@ -79,6 +80,7 @@ PLAIN = {
 # --count-share`), so that the skills the conversations already teach keep their share of the turns.
 COUNT_BY = ("count_colour", "count_shape")
 QUESTION_STYLES = ("plain", "natural", "tailed")
+DEFAULT_STYLE = "tailed"  # with the base's case-folding tokenizer (`base.BASE_SPEC`)
 TAILED_STYLES = ("natural", "tailed")  # the styles whose questions get answer-format tails
 # What a verify question is about -> its template (skill "verify", answered yes or no).
 VERIFY = {
@@ -117,7 +119,7 @@ _PATTERNS = tuple((skill, template_pattern(template)) for skill, template in
                   [*PLAIN.items(), *ASK.items(), *(("verify", template) for template in VERIFY.values())])
 
 
-def pretrain_skills(style: str = "plain", count_by: bool = False) -> tuple[str, ...]:
+def pretrain_skills(style: str = DEFAULT_STYLE, count_by: bool = False) -> tuple[str, ...]:
     """The skills the pretraining questions of a style ask about (`count_by`: with counting by colour and by shape,
     `count_questions`)."""
     if style not in QUESTION_STYLES:
@@ -194,7 +196,8 @@ def _tails_on(found: Pairs, style: str, rng: random.Random) -> Pairs:
     return {skill: [(_with_tail(q, skill, rng), a) for q, a in pairs] for skill, pairs in found.items() if pairs}
 
 
-def pretrain_questions(scene: Scene, rng: random.Random, style: str = "plain") -> dict[str, list[tuple[str, str]]]:
+def pretrain_questions(scene: Scene, rng: random.Random,
+                       style: str = DEFAULT_STYLE) -> dict[str, list[tuple[str, str]]]:
     """skill -> the (question, answer) pairs this scene answers unambiguously, in the wording of `style` ("natural":
     with the verify skill; "natural" and "tailed": some with an answer-format tail).
 
@@ -232,7 +235,7 @@ def pretrain_questions(scene: Scene, rng: random.Random, style: str = "plain") -
     return _tails_on(found, style, rng)
 
 
-def count_questions(scene: Scene, rng: random.Random, style: str = "plain") -> dict[str, list[tuple[str, str]]]:
+def count_questions(scene: Scene, rng: random.Random, style: str = DEFAULT_STYLE) -> dict[str, list[tuple[str, str]]]:
     """skill -> (question, answer) for counting the objects of one colour and of one shape ("how many red objects
     are there ?", "how many crosses are there ?"), on a scene that holds only shapes (else {}). The colour or shape
     is drawn as the training tasks count_colour and count_shape draw theirs (`train_tasks.count_of`: the commonest,

@@ -1,5 +1,5 @@
 """The base the project ships: what its own `cmlora pretrain-base` produced on the default suite, so that users
-start from it as they would start from LLaVA's stage-1 checkpoint instead of spending 14-18 minutes of 2-core
+start from it as they would start from LLaVA's stage-1 checkpoint instead of spending 12-14 minutes of 2-core
 CPU time on it (the issue allows this where a good base needs more than 10 minutes).
 
 `shipped_base/` holds the base's Hugging Face files, its `base_eval.json` (held-out accuracy per skill) and

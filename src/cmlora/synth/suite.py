@@ -29,8 +29,10 @@ from . import eval_tasks as ev
 from . import train_tasks as tt
 from .questions import (
     COUNT_BY,
+    DEFAULT_STYLE,
     DESCRIBE,
     TAIL_PROBABILITY,
+    TAILED_STYLES,
     YES_NO,
     count_questions,
     pretrain_questions,
@@ -162,7 +164,7 @@ def pretrain_scene(s: Sampler) -> Scene:
 
 
 def write_pretrain(writer: Writer, seed: int, grid: int, images: int, eval_per_skill: int,
-                   style: str = "plain", count_share: float = 0.0) -> dict[str, Any]:
+                   style: str = DEFAULT_STYLE, count_share: float = 0.0) -> dict[str, Any]:
     """pretrain.json (one conversation per image: 1-6 questions of the skills the scene answers, then its
     description 80 % of the time) and pretrain_eval.json (single questions on new images, per skill).
 
@@ -204,8 +206,9 @@ def write_pretrain(writer: Writer, seed: int, grid: int, images: int, eval_per_s
     summary = {"records": len(records), "images": images, "skills": list(skills), "describe_probability": 0.8,
                "questions_per_image": [1, 6], "eval_per_skill": counts,
                "eval_chance": {skill: 1 / answers[skill] for skill in skills}}
-    if style != "plain":  # recorded only when not the default, so that the default suite's files stay as they were
-        summary |= {"questions": style, "tail_probability": TAIL_PROBABILITY}
+    summary["questions"] = style
+    if style in TAILED_STYLES:
+        summary["tail_probability"] = TAIL_PROBABILITY
     if count_share:
         summary |= {"count_share": count_share}
     return summary
@@ -302,7 +305,7 @@ def command(out: str, seed: int, sizes: dict[str, Any]) -> str:
 
 def write_suite(out: str | Path, seed: int = 0, *, grid: int = 2, train_per_task: int = 300, eval_per_task: int = 100,
                 mme_images_per_subtask: int = 30, pretrain_images: int = 20000, pretrain_eval_per_skill: int = 100,
-                train_eval_per_task: int = 30, font: str = "auto", questions: str = "plain",
+                train_eval_per_task: int = 30, font: str = "auto", questions: str = DEFAULT_STYLE,
                 short_answer_share: float = 0.0, count_share: float = COUNT_SHARE) -> dict[str, Any]:
     """Generate the suite in `out` (an empty folder, or one holding an earlier suite, which is replaced);
     returns the manifest. See the module docstring for the layout.
@@ -324,7 +327,7 @@ def write_suite(out: str | Path, seed: int = 0, *, grid: int = 2, train_per_task
         if not 0 <= share <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {share}")
     pretrain_skills(questions)  # validates the style
-    options = {key: value for key, value, default in (("questions", questions, "plain"),
+    options = {key: value for key, value, default in (("questions", questions, DEFAULT_STYLE),
                                                        ("short_answer_share", short_answer_share, 0.0),
                                                        ("count_share", count_share, COUNT_SHARE))
                if value != default}
@@ -430,6 +433,8 @@ def readme(m: dict[str, Any]) -> str:
                  f"tail ('{YES_NO}', '{SHORT_ANSWER}'); " if p.get("questions") == "natural" else "")
               + (f"in the '{p['questions']}' wording: plain, a share ({p['tail_probability']}) with an answer-format "
                  f"tail ('{YES_NO}', '{SHORT_ANSWER}'); " if p.get("questions") == "tailed" else "")
+              + ("in the 'plain' wording (lower case, the question mark apart); "
+                 if p.get("questions", "plain") == "plain" else "")
               + (f"on {p['count_share']:.0%} of the images that hold only shapes, one more question counting "
                  "one colour or one shape ('how many red objects are there ?', 'how many crosses are there ?'; "
                  "skills count_colour, count_shape); " if "count_share" in p else "")
