@@ -227,8 +227,7 @@ def tiny_tokenizer(vocab_size: int = 512, corpus: Sequence[str] | None = None, f
     """LLaVA's tiny tokenizer: a locally trained byte-level BPE with <s>, </s>, <pad> and <image> (`fold_case`:
     with `fold_case_rules` as its normalizer)."""
     return _byte_level_bpe(vocab_size, ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN], corpus, fold_case,
-                           unk_token="<unk>",
-                           bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                           unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                            extra_special_tokens={"image_token": IMAGE_TOKEN})
 
 

@@ -135,7 +135,7 @@ def content_hash(suite: Path, config: PretrainConfig) -> str:
         digest.update("\n".join(knowledge.facts()).encode())
     else:  # the recipe without facts keeps the key it had before the option existed (and the shipped base)
         del recipe["knowledge_repeats"]
-    if not config.spec.fold_case:  # likewise
+    if not config.spec.fold_case:  # the cased tokenizer keeps the key it had before the option existed
         del recipe["spec"]["fold_case"]
     digest.update(json.dumps(recipe, sort_keys=True, default=str).encode())
     digest.update(f"recipe {RECIPE_VERSION}".encode())

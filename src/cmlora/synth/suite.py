@@ -383,6 +383,16 @@ def _answers_text(entry: dict[str, Any]) -> str:
     return f"{len(answers)}: {shown}"
 
 
+def _wording(p: dict[str, Any]) -> str:
+    """The suite README's words for the pretraining wording (suites written before it was recorded are plain)."""
+    style = p.get("questions", "plain")
+    tails = f"a share ({p.get('tail_probability')}) with an answer-format tail ('{YES_NO}', '{SHORT_ANSWER}')"
+    return {"plain": "in the 'plain' wording (lower case, the question mark apart); ",
+            "tailed": f"in the 'tailed' wording: plain, {tails}; ",
+            "natural": f"in the 'natural' wording: written as instructions are, 'verify' asking yes or no about what "
+                       f"the others name (half of it true), {tails}; "}[style]
+
+
 def readme(m: dict[str, Any]) -> str:
     """The suite's README.md, written from its manifest."""
     image = m["image"]
@@ -428,13 +438,7 @@ def readme(m: dict[str, Any]) -> str:
               f"(skills: {', '.join(k for k in p['skills'] if k not in COUNT_BY)}; 'where is' and 'small or large' "
               "name their object by shape, "
               "by colour or by both, whichever names it alone) "
-              + (f"in the '{p['questions']}' wording: written as instructions are, 'verify' asking yes or no about "
-                 f"what the others name (half of it true), a share ({p['tail_probability']}) with an answer-format "
-                 f"tail ('{YES_NO}', '{SHORT_ANSWER}'); " if p.get("questions") == "natural" else "")
-              + (f"in the '{p['questions']}' wording: plain, a share ({p['tail_probability']}) with an answer-format "
-                 f"tail ('{YES_NO}', '{SHORT_ANSWER}'); " if p.get("questions") == "tailed" else "")
-              + ("in the 'plain' wording (lower case, the question mark apart); "
-                 if p.get("questions", "plain") == "plain" else "")
+              + _wording(p)
               + (f"on {p['count_share']:.0%} of the images that hold only shapes, one more question counting "
                  "one colour or one shape ('how many red objects are there ?', 'how many crosses are there ?'; "
                  "skills count_colour, count_shape); " if "count_share" in p else "")
