@@ -1,4 +1,5 @@
-"""Data-parallel training through torchrun (2 CPU processes, gloo) matches one process with the same global batch."""
+"""Data-parallel training through torchrun (2 CPU processes, gloo) matches one process with the same global batch;
+a distributed rank's exit skips the interpreter's teardown."""
 
 import json
 import os
@@ -38,7 +39,7 @@ def test_torchrun_ddp_matches_gradient_accumulation(tmp_path):
          "-m", "cmlora", "train", "--config", str(config_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     # Two processes x 4 examples cover the 8-example dataset in one step: 3 steps are 3 epochs (1.5 in one process).
     history = [json.loads(line) for line in (tmp_path / "ddp" / "log_history.jsonl").read_text().splitlines()]
     assert history[-1]["epoch"] == 3.0 and history[-1]["step"] == 3
@@ -49,3 +50,29 @@ def test_torchrun_ddp_matches_gradient_accumulation(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4)
     factors_b = [key for key in a if "mixlora_factors_b" in key]  # zero at initialisation: they must have moved
     assert factors_b and all(a[key].abs().sum() > 0 for key in factors_b)
+
+
+# A program that runs `cli.run` with `main` replaced: its exit code, an atexit handler, and an object whose
+# finaliser only the interpreter's teardown calls.
+EXIT_PROBE = """
+import atexit
+from cmlora import cli
+
+class Finalised:
+    def __del__(self):
+        print("teardown", flush=True)
+
+kept = Finalised()
+atexit.register(print, "atexit")
+cli.main = lambda: 3
+cli.run()
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_distributed_rank_exits_with_its_code_and_atexit_handlers_but_without_the_teardown(world_size):
+    result = subprocess.run([sys.executable, "-c", EXIT_PROBE], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "WORLD_SIZE": world_size})
+    assert result.returncode == 3, result.stderr
+    expected = ["atexit", "teardown"] if world_size == "1" else ["atexit"]
+    assert result.stdout.split() == expected

@@ -52,7 +52,7 @@ def test_zero_matches_single_process(reference, stage):
          "-m", "cmlora", "train", "--config", str(config_path)],
         cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     got = load_file(root / f"zero{stage}" / "adapter" / "adapter_model.safetensors")
     assert got.keys() == expected.keys()
     for key in expected:

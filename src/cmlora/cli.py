@@ -15,9 +15,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -70,14 +71,34 @@ def add_model_source(parser: argparse.ArgumentParser, fresh: tuple[str, ...] = (
 
 def end_process_group() -> None:
     """Under torchrun, leave the process group this process joined (Trainer never does) once every rank is done,
-    as PyTorch asks, instead of leaving it to the interpreter's exit. Once in CI a rank aborted at exit ("terminate
-    called without an active exception", exit code -6) after a run that had saved everything; 30 runs here, with
-    this and without, did not abort, so this is the documented teardown, not a measured cure."""
+    as PyTorch asks, instead of leaving it to the interpreter's exit."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_skipping_teardown(code: int) -> NoReturn:
+    """Exit after the atexit handlers (log and tracker flushes), but skip the interpreter's teardown.
+
+    Twice in CI a torchrun rank aborted in its teardown ("terminate called without an active exception", exit
+    code -6) after a run that had saved everything and left its process group; the launcher then failed the whole
+    job. A C++ thread that gloo or DeepSpeed still holds is destroyed while joinable there; destroying the
+    process group did not prevent it (the second abort came after `end_process_group` was added), and 35 runs
+    here never reproduced it. Nothing of ours is left to do at that point: files are written and closed."""
+    atexit._run_exitfuncs()  # what a normal exit runs first: logging.shutdown, trackers' finish, ...
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run() -> None:
+    """The program (`cmlora`, `python -m cmlora`): `main`, then the exit; a distributed rank skips the teardown."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by torchrun, accelerate and the deepspeed launcher
+        exit_skipping_teardown(code)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,4 +274,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
