@@ -174,6 +174,9 @@ def _verify(scene: Scene, rng: random.Random, named: list[tuple[Item, str]]) -> 
     return questions
 
 
+Pairs = dict[str, list[tuple[str, str]]]  # skill -> (question, answer) pairs
+
+
 def _with_tail(question: str, skill: str, rng: random.Random) -> str:
     if rng.random() >= TAIL_PROBABILITY:
         return question
@@ -186,9 +189,6 @@ def _templates(style: str) -> dict[str, str]:
     return ASK if style == "natural" else PLAIN
 
 
-Pairs = dict[str, list[tuple[str, str]]]  # skill -> (question, answer) pairs
-
-
 def _tails_on(found: Pairs, style: str, rng: random.Random) -> Pairs:
     """`found` without its empty skills, each question with its answer-format tail in the styles that have them."""
     if style not in TAILED_STYLES:
@@ -196,8 +196,7 @@ def _tails_on(found: Pairs, style: str, rng: random.Random) -> Pairs:
     return {skill: [(_with_tail(q, skill, rng), a) for q, a in pairs] for skill, pairs in found.items() if pairs}
 
 
-def pretrain_questions(scene: Scene, rng: random.Random,
-                       style: str = DEFAULT_STYLE) -> dict[str, list[tuple[str, str]]]:
+def pretrain_questions(scene: Scene, rng: random.Random, style: str = DEFAULT_STYLE) -> Pairs:
     """skill -> the (question, answer) pairs this scene answers unambiguously, in the wording of `style` ("natural":
     with the verify skill; "natural" and "tailed": some with an answer-format tail).
 
@@ -235,7 +234,7 @@ def pretrain_questions(scene: Scene, rng: random.Random,
     return _tails_on(found, style, rng)
 
 
-def count_questions(scene: Scene, rng: random.Random, style: str = DEFAULT_STYLE) -> dict[str, list[tuple[str, str]]]:
+def count_questions(scene: Scene, rng: random.Random, style: str = DEFAULT_STYLE) -> Pairs:
     """skill -> (question, answer) for counting the objects of one colour and of one shape ("how many red objects
     are there ?", "how many crosses are there ?"), on a scene that holds only shapes (else {}). The colour or shape
     is drawn as the training tasks count_colour and count_shape draw theirs (`train_tasks.count_of`: the commonest,
