@@ -53,7 +53,10 @@ def one_seed(suite: Path, out: Path, seed: int, interference_tasks: str | None, 
     result["base"] = {k: round(v["accuracy"], 3)
                       for k, v in json.loads((base / "base_eval.json").read_text())["skills"].items()}
     config = yaml.safe_load(config_path.read_text())
-    replay = ["--replay_data", str(suite / "pretrain.json")] if config.get("replay_data") else []
+    # The config's replay files, taken from the suite measured (configs/suite_lora.yaml names suite/...).
+    files = config.get("replay_data") or []
+    files = [files] if isinstance(files, str) else files
+    replay = ["--replay_data", "[" + ", ".join(str(suite / Path(f).name) for f in files) + "]"] if files else []
     result["lora_seconds"] = cmlora("train", "--config", str(config_path), "--model", str(base),
                                     "--data", str(suite / "train.json"), "--image_folder", str(suite / "images"),
                                     "--output_dir", str(run), "--seed", str(seed), *replay)

@@ -657,3 +657,90 @@ def test_the_base_reads_the_fact_each_knowledge_task_needs_and_no_fact_against_i
         assert len(sentences) > 1 and known & set(sentences.values()) == {sentences[answer]}, (task, question)
         checked[task] += 1
     assert set(checked) == {*templates, "spatial_relation"}
+
+
+_IN, _OF = r"(?: in the (?:image|picture))?", r"(?: of the (?:image|picture))?"
+
+
+def _check_truth(scene: Scene, question: str) -> tuple[str, bool]:
+    """What a check states and whether the scene shows it, read back from its words (an oracle written apart
+    from `check_questions`)."""
+    q = untailed(question)
+    one = {(i.colour, i.label): i for i in scene.shapes()}
+    number = {word: n for n, word in enumerate(NUMBER_WORDS)}
+    rules = [
+        ("existence", rf"is there a (\w+) (\w+){_IN} \?", lambda c, s: (c, s) in one),
+        ("size", rf"is the (\w+) (\w+){_IN} (small|large) \?", lambda c, s, z: one[c, s].size == z),
+        ("size", rf"is there a (small|large) (\w+) (\w+){_IN} \?",
+         lambda z, c, s: any((i.size, i.colour, i.label) == (z, c, s) for i in scene.shapes())),
+        ("position", rf"is the (\w+) (\w+) at the ([\w-]+){_OF} \?", lambda c, s, p: scene.position(one[c, s]) == p),
+        ("position", rf"is there a (\w+) (\w+) at the ([\w-]+){_OF} \?",
+         lambda c, s, p: any((i.colour, i.label, scene.position(i)) == (c, s, p) for i in scene.shapes())),
+        ("colour", rf"is the ({'|'.join(SHAPES)}){_IN} (\w+) \?",
+         lambda s, c: [i.colour for i in scene.shapes() if i.label == s] == [c]),
+        ("shape", rf"is the (\w+) object{_IN} a (\w+) \?",
+         lambda c, s: [i.label for i in scene.shapes() if i.colour == c] == [s]),
+        ("count", rf"is the number of objects{_IN} (\w+) \?", lambda n: len(scene.items) == number[n]),
+        ("count", rf"is there one object{_IN} \?", lambda: len(scene.items) == 1),
+        ("count", rf"are there (\w+) objects{_IN} \?", lambda n: len(scene.items) == number[n]),
+        ("style", rf"is the style{_OF} (\w+) \?", lambda s: scene.style == s),
+        ("style", r"is the image (\w+) \?", lambda s: scene.style == s),
+        ("word", rf"is the word{_IN} (\w+) \?", lambda w: scene.word() == w),
+    ]
+    for what, pattern, holds in rules:
+        if match := re.fullmatch(pattern, q):
+            return what, holds(*match.groups())
+    raise AssertionError(f"no check reads {question!r}")
+
+
+def test_checks_state_a_value_true_half_the_time_in_both_forms_and_never_in_mme_words():
+    from cmlora.synth.questions import check_questions, tailed_check
+    from cmlora.synth.suite import pretrain_scene
+
+    sampler = Sampler(random.Random(3), grid=2)
+    seen, forms, places = Counter(), Counter(), Counter()
+    for _ in range(600):
+        scene = pretrain_scene(sampler)
+        for what, question, answer in check_questions(scene, sampler.rng):
+            assert _check_truth(scene, question) == (what, answer == "yes"), question
+            seen[what, answer] += 1
+            forms[what, question.startswith(("is there", "are there", "is the image"))] += 1
+            places[" the image" in question or " the picture" in question] += 1
+            tailed = tailed_check(question, sampler.rng)
+            assert untailed(tailed) == question
+            assert not re.search(r"this|drawn|please|\"", tailed.lower()), tailed  # MME's own words stay unseen
+    for what in ("existence", "size", "position", "colour", "shape", "count", "style", "word"):
+        assert seen[what, "yes"] > 10 and 0.3 < seen[what, "yes"] / (seen[what, "yes"] + seen[what, "no"]) < 0.7, what
+    for what in ("size", "position", "count", "style"):  # the existence form and the statement form
+        assert forms[what, True] > 10 and forms[what, False] > 10, what
+    assert 0.2 < places[True] / places.total() < 0.6
+
+
+def test_checks_file_asks_about_the_pretraining_images_and_leaves_pretrain_json_as_it_was(suite, manifest, tmp_path):
+    assert not (suite / "pretrain_checks.json").exists() and "check" not in manifest["pretrain"]["skills"]
+    plain_records = json.loads((suite / "pretrain.json").read_text())
+    plain_held_out = json.loads((suite / "pretrain_eval.json").read_text())
+    manifest = write_suite(tmp_path / "checked", 0, **SIZES, checks=True)
+    assert manifest["options"] == {"checks": True} and manifest["command"].endswith("--checks")
+    suite = tmp_path / "checked"
+    assert json.loads((suite / "pretrain.json").read_text()) == plain_records  # the checks' own stream
+    records = {r["image"]: r for r in plain_records}
+    checks = json.loads((suite / "pretrain_checks.json").read_text())
+    lines = (suite / "scenes.jsonl").read_text().splitlines()
+    scenes = {entry["image"]: Scene.from_dict(entry["scene"]) for entry in map(json.loads, lines)}
+    assert len(checks) == manifest["pretrain"]["check_records"] and len(checks) <= 2 * len(records)
+    per_image = Counter(r["image"] for r in checks)
+    assert set(per_image) == set(records) and set(per_image.values()) <= {1, 2}
+    for record in checks:
+        question, answer = (turn["value"] for turn in record["conversations"])
+        what, holds = _check_truth(scenes[f"images/{record['image']}"], question.removeprefix("<image>\n"))
+        assert record["task_name"] == f"check {what}" and answer == ("yes" if holds else "no")
+    held_out = json.loads((suite / "pretrain_eval.json").read_text())
+    assert [r for r in held_out if r["task_name"] != "check"] == plain_held_out  # the other skills as they were
+    held_out = [r for r in held_out if r["task_name"] == "check"]
+    assert len(held_out) == 3 and "check" in manifest["pretrain"]["skills"]
+    assert manifest["pretrain"]["eval_chance"]["check"] == 0.5
+    for record in held_out:
+        question, answer = (turn["value"].removeprefix("<image>\n") for turn in record["conversations"])
+        assert question == untailed(question) and record["image"] not in records
+        assert answer == ("yes" if _check_truth(scenes[f"images/{record['image']}"], question)[1] else "no")

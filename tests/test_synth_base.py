@@ -3,6 +3,7 @@ evaluation, the content cache."""
 
 import json
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -40,7 +41,7 @@ MINI = {"train_per_task": 2, "eval_per_task": 2, "mme_images_per_subtask": 1, "p
 @pytest.fixture
 def suite(tmp_path, monkeypatch):
     monkeypatch.setenv("CMLORA_CACHE", str(tmp_path / "cache"))
-    write_suite(tmp_path / "suite", 0, **MINI)
+    write_suite(tmp_path / "suite", 0, **MINI, checks=True)  # with the checks, so that every phase runs
     return tmp_path / "suite"
 
 
@@ -130,7 +131,7 @@ def test_plain_template_has_no_system_prompt_and_no_roles():
 
 def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monkeypatch):
     config = PretrainConfig(steps=30, focus_steps=10, question_steps=10, locate_steps=10, settle_steps=10,
-                            batch_size=8, spec=SMALL, knowledge_repeats=1,
+                            check_steps=10, check_items=20, batch_size=8, spec=SMALL, knowledge_repeats=1,
                             eval_batch_size=16, vision=VisionPretrainConfig(steps=5, batch_size=8, align_steps=5))
     after_stage0 = {}
 
@@ -154,13 +155,13 @@ def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monk
     # The tower stays frozen; the projector trains in the locate phase only.
     language = {"language_model", "lm_head"}
     assert trained == {"conversations": language, "focus": language, "questions": language,
-                       "locate": language | {"multi_modal_projector"}, "settle": language}
+                       "locate": language | {"multi_modal_projector"}, "settle": language, "checks": language}
     report = json.loads((out / "base_eval.json").read_text())
     assert set(report["skills"]) == {"colour", "shape", "count", "position", "existence", "size", "style", "digit",
-                                     "letter", "word"}
+                                     "letter", "word", "check"}
     training = report["training"]
-    assert list(training) == ["vision", "conversations", "focus", "questions", "locate", "settle"]
-    assert [training[name]["steps"] for name in list(training)[1:]] == [30, 10, 10, 10, 10]
+    assert list(training) == ["vision", "conversations", "focus", "questions", "locate", "settle", "checks"]
+    assert [training[name]["steps"] for name in list(training)[1:]] == [30, 10, 10, 10, 10, 10]
     assert training["questions"]["mean_loss_last_100"] < 5.5  # uniform guessing: ln 400 = 5.99
     # The focus phase asks the colour-of-a-shape questions alone; the last phase asks every question of the
     # conversations on its own (the descriptions excepted), each kind as often as the commonest.
@@ -173,6 +174,7 @@ def test_pretraining_learns_evaluates_per_skill_and_caches(suite, tmp_path, monk
     assert len(located) == 3 and training["locate"]["items"] == 3 * max(located) + text
     assert training["questions"]["items"] == training["settle"]["items"] == len(kinds) * max(kinds.values()) + text
     assert training["conversations"]["items"] == len(json.loads((suite / "pretrain.json").read_text())) + text
+    assert training["checks"]["items"] == 2 * config.check_items + text  # as many single questions as checks
     assert training["vision"]["steps"] == 5 and "colour" in training["vision"]["held_out_accuracy"]
     model, processor = vlm.load(out)
     assert model.config.vision_feature_layer == -1
@@ -195,16 +197,16 @@ def test_pretrain_base_command(suite, tmp_path, capsys):
 
     main(["pretrain-base", "--suite", str(suite), "--out", str(tmp_path / "base"), "--steps", "3",
           "--focus-steps", "4", "--question-steps", "2", "--locate-steps", "5", "--settle-steps", "6",
-          "--vision-steps", "2", "--knowledge-repeats", "3", "--no-fold-case"])
+          "--check-steps", "7", "--vision-steps", "2", "--knowledge-repeats", "3", "--no-fold-case"])
     out = capsys.readouterr().out
-    assert "held-out accuracy: colour" in out
+    assert re.search(r"held-out accuracy: check \d\.\d{3}, colour \d\.\d{3}", out)
     report = json.loads((tmp_path / "base" / "base_eval.json").read_text())
     assert report["config"]["knowledge_repeats"] == 3 and report["config"]["spec"]["fold_case"] is False
     tokenizer = vlm.load(tmp_path / "base")[1].tokenizer  # cased: capitals are tokens of their own
     assert tokenizer("Is it red?").input_ids != tokenizer("is it red ?").input_ids
     training = report["training"]
-    assert [training[name]["steps"] for name in ("vision", "conversations", "focus", "questions", "locate", "settle")] \
-        == [2, 3, 4, 2, 5, 6]
+    phases = ("vision", "conversations", "focus", "questions", "locate", "settle", "checks")
+    assert [training[name]["steps"] for name in phases] == [2, 3, 4, 2, 5, 6, 7]
 
 
 def test_language_corpus_has_instructions_answers_and_eval_prompts_but_no_pairs_or_targets(suite):

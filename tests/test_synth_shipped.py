@@ -67,6 +67,25 @@ def test_the_facts_are_part_of_the_key_only_when_the_base_reads_them(suite, monk
         PretrainConfig(knowledge_repeats=-1)
 
 
+def test_the_checks_and_their_phase_are_part_of_the_key_only_when_the_suite_has_them(tmp_path):
+    unchecked = tmp_path / "unchecked"
+    manifest = write_suite(unchecked, 0, **MINI)  # the default: no checks
+    assert "options" not in manifest and "check" not in manifest["pretrain"]["skills"]
+    assert "check_records" not in manifest["pretrain"]
+    manifest = write_suite(tmp_path / "checked", 0, **MINI, checks=True)
+    assert manifest["pretrain"]["check_records"] > 0 and "check" in manifest["pretrain"]["skills"]
+    suite = tmp_path / "checked"
+    assert not (unchecked / base_module.CHECKS_FILE).exists() and (suite / base_module.CHECKS_FILE).exists()
+    # Without checks the phase's settings are not hashed: the key a suite had before the phase existed.
+    assert content_hash(unchecked, PretrainConfig(check_steps=5)) == content_hash(unchecked, PretrainConfig())
+    assert content_hash(suite, PretrainConfig(check_steps=5)) != content_hash(suite, PretrainConfig())
+    assert content_hash(suite, PretrainConfig()) != content_hash(unchecked, PretrainConfig())
+    key = content_hash(suite, PretrainConfig())
+    path = suite / base_module.CHECKS_FILE
+    path.write_text(path.read_text().replace('"yes"', '"no"', 1))
+    assert content_hash(suite, PretrainConfig()) != key  # the checks' content is hashed
+
+
 def test_the_base_folds_case_by_default_and_the_cased_tokenizer_has_a_key_of_its_own(suite):
     from dataclasses import replace
 

@@ -200,13 +200,19 @@ def test_replay_mixes_a_seeded_share_of_another_file_into_training(workspace):
     assert [r.id for r in replay_records(config, records)] == [r.id for r in drawn]
     other = replay_records(tiny_config(workspace, "replay", replay_data=replay, replay_fraction=0.5, seed=4), records)
     assert [r.id for r in other] != [r.id for r in drawn]
-    with pytest.raises(DataError, match=r"replay\.json: replay_fraction 1\.0 asks for 16 records .* has 10"):
+    with pytest.raises(DataError, match=r"replay\.json: replay_fraction 1\.0 asks for 16 records .* are 10"):
         replay_records(tiny_config(workspace, "replay", replay_data=replay, replay_fraction=1.0), records)
     clash = write_replay(workspace, "clash", ["p0", "r3"])
     with pytest.raises(DataError, match=r"clash\.json\[#1\]: record 'r3': field 'id': also used by .*train\.json"):
         replay_records(tiny_config(workspace, "replay", replay_data=clash, replay_fraction=0.1), records)
     with pytest.raises(ValueError, match="replay_fraction must be in"):
         tiny_config(workspace, "replay", replay_fraction=0)
+    # A list of files is one pool: with a second file of 10 the same share now asks for 16 of 20.
+    more = write_replay(workspace, "more", [f"q{i}" for i in range(10)])
+    pooled = replay_records(tiny_config(workspace, "replay", replay_data=[replay, more], replay_fraction=1.0), records)
+    assert len(pooled) == 16 and {r.id[0] for r in pooled} == {"p", "q"}
+    with pytest.raises(ValueError, match="replay_data must be a file or a non-empty list of files"):
+        tiny_config(workspace, "replay", replay_data=[])
     run = train(config)
     assert json.loads((run / "task_names.json").read_text()) == ["colour", "pretrain", "yes_no"]
 

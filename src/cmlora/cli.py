@@ -4,8 +4,8 @@
     cmlora tiny-model --out runs/tiny-llava
     cmlora synth --out suite [--seed 0] [--grid 2] [--train-per-task 300] ...
     cmlora pretrain-base --suite suite --out base [--steps N] [--focus-steps N] [--question-steps N]
-                         [--locate-steps N] [--settle-steps N] [--vision-steps N] [--knowledge-repeats N]
-                         [--seed S]
+                         [--locate-steps N] [--settle-steps N] [--check-steps N] [--vision-steps N]
+                         [--knowledge-repeats N] [--seed S]
     cmlora eval --run RUN_DIR | --base MODEL [--adapter DIR]  --mme DIR --tasks DIR [--heldout FILE] [--blank-images]
     cmlora compare RUN_A RUN_B ...
     cmlora interference --run RUN_DIR | --base MODEL (--adapter DIR | --fresh lora) --data train.json --tasks a,b
@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import yaml
 
 from .synth.questions import DEFAULT_STYLE, QUESTION_STYLES
-from .synth.suite import COUNT_SHARE
+from .synth.suite import CHECKS, COUNT_SHARE
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     synth_parser.add_argument("--count-share", type=float, default=COUNT_SHARE,
                               help="share of the base's pretraining images of shapes alone that are also asked to "
                                    f"count one colour or one shape (default {COUNT_SHARE}; opt-in, see BENCHMARKS.md)")
+    synth_parser.add_argument("--checks", action=argparse.BooleanOptionalAction, default=CHECKS,
+                              help="write the base's yes/no checks (pretrain_checks.json, held-out skill 'check'), "
+                                   "which its sixth phase trains on (default: %(default)s; opt-in, see BENCHMARKS.md)")
     base_parser = commands.add_parser("pretrain-base", help="train the tiny base on a suite (cached by content)")
     base_parser.add_argument("--suite", required=True, help="a folder written by cmlora synth")
     base_parser.add_argument("--out", required=True, help="folder to copy the trained base to")
@@ -147,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     base_parser.add_argument("--settle-steps", type=int, default=None,
                              help="stage 1 optimizer steps on all single questions again, after the locate phase "
                                   "(default: the recipe's)")
+    base_parser.add_argument("--check-steps", type=int, default=None,
+                             help="stage 1 optimizer steps on the yes/no checks of pretrain_checks.json, with as "
+                                  "many single questions, last (default: the recipe's; 0 skips the phase)")
     base_parser.add_argument("--question-steps", type=int, default=None,
                              help="stage 1 optimizer steps on all single questions, balanced by kind, after the "
                                   "focus phase (default: the recipe's)")
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
         vision = VisionPretrainConfig(seed=args.seed, **({"steps": args.vision_steps} if args.vision_steps else {}))
         overrides = {name: getattr(args, name) for name in ("steps", "focus_steps", "locate_steps", "settle_steps",
-                                                            "question_steps", "knowledge_repeats")
+                                                            "check_steps", "question_steps", "knowledge_repeats")
                      if getattr(args, name) is not None}
         if args.fold_case is not None:
             overrides["spec"] = dataclasses.replace(BASE_SPEC, fold_case=args.fold_case)

@@ -54,9 +54,10 @@ class TrainConfig:
     keep_encoded: bool = field(default=False, metadata={
         "help": "Keep every encoded record (image pixels included) in memory after the first epoch's check, so "
                 "later epochs skip image loading and tokenizing; for datasets that fit in memory."})
-    replay_data: str | None = field(default=None, metadata={
+    replay_data: str | list[str] | None = field(default=None, metadata={
         "help": "Records mixed into the training set against forgetting, e.g. the base's pretraining conversations "
-                "(same formats as data; images resolved against image_folder)."})
+                "(a file or a list of files, read as one pool; same formats as data; images resolved against "
+                "image_folder)."})
     replay_fraction: float = field(default=0.1, metadata={
         "help": "How many replay_data records to mix in, as a share of the training records (drawn once, with seed)."})
     replay_single_turns: bool = field(default=False, metadata={
@@ -110,6 +111,9 @@ class TrainConfig:
             raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
         if not 0 < self.replay_fraction <= 1:
             raise ValueError(f"replay_fraction must be in (0, 1], got {self.replay_fraction}")
+        if isinstance(self.replay_data, list) and not (self.replay_data and all(
+                isinstance(path, str) for path in self.replay_data)):
+            raise ValueError(f"replay_data must be a file or a non-empty list of files, got {self.replay_data!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -364,13 +368,14 @@ def replay_records(config: TrainConfig, records: list[Any]) -> list[Any]:
     from .data import DataError, load_records
     from .data.records import one_question_each
 
-    replay, _ = load_records(config.replay_data, config.image_folder)
+    paths = [config.replay_data] if isinstance(config.replay_data, str) else config.replay_data
+    replay = [record for path in paths for record in load_records(path, config.image_folder)[0]]
     if config.replay_single_turns:
         replay = one_question_each(replay)
     wanted = round(config.replay_fraction * len(records))
     if wanted > len(replay):
-        raise DataError(f"{config.replay_data}: replay_fraction {config.replay_fraction} asks for {wanted} records "
-                        f"({config.replay_fraction} x {len(records)} training records) but the file has {len(replay)}",
+        raise DataError(f"{', '.join(paths)}: replay_fraction {config.replay_fraction} asks for {wanted} records "
+                        f"({config.replay_fraction} x {len(records)} training records) but there are {len(replay)}",
                         "too few replay records")
     ids = {record.id: record.source for record in records}
     clash = next((record for record in replay if record.id in ids), None)
@@ -378,7 +383,7 @@ def replay_records(config: TrainConfig, records: list[Any]) -> list[Any]:
         raise DataError(f"{clash.source}: record {clash.id!r}: field 'id': also used by the training record at "
                         f"{ids[clash.id]}; ids must be unique across data and replay_data", "duplicate id")
     drawn = random.Random(config.seed).sample(replay, wanted)
-    print(f"[cmlora] mixed in {wanted} records of {config.replay_data}")
+    print(f"[cmlora] mixed in {wanted} records of {', '.join(paths)}")
     return drawn
 
 

@@ -250,6 +250,93 @@ def count_questions(scene: Scene, rng: random.Random, style: str = DEFAULT_STYLE
     return _tails_on(found, style, rng)
 
 
+# Checks (`check_questions`): yes/no questions that state a value and ask whether the image shows it, the skill an
+# LLM brings to MME's "Is the circle in this image red?" from its text. Each is asked in two forms, as existence
+# ("is there a small red circle ?", the form the base answers best: every object is matched against every value
+# named) and as a statement about a named object ("is the red circle small ?"), with a place phrase ("in the
+# image", "of the picture") on half of them. MME's own words ("in this image", "drawn in the ... style", "Please
+# answer yes or no.") are never used. Trained in the base's last phase (`base.PretrainConfig.check_steps`);
+# BENCHMARKS.md, "Checks in the base".
+CHECK_FORMS = ("there", "the")
+PLACE_SHARE = 0.5
+_IN = (" in the image", " in the picture")
+_OF = (" of the image", " of the picture")
+CHECK = "check"  # the skill's name in pretrain_eval.json; each training record's task_name is "check <what>"
+
+
+def check_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """(what is checked, question, "yes" | "no") for each value of the scene the checks can name: existence, size,
+    position, colour, shape, count, style, word; each true with probability 1/2, in a form of `CHECK_FORMS` drawn
+    at random. A false existence check changes one value of a present object half the time (the hard case), else
+    names an absent object."""
+    checks: list[tuple[str, str, str]] = []
+
+    def place(phrases: tuple[str, ...]) -> str:
+        return rng.choice(phrases) if rng.random() < PLACE_SHARE else ""
+
+    def add(what: str, question: str, true: bool) -> None:
+        checks.append((what, question, "yes" if true else "no"))
+
+    if shapes := scene.shapes():  # plain existence with a place phrase: without it POPE fell from 98 to 75-90
+        item = rng.choice(shapes)
+        colour, shape = (item.colour, item.label) if rng.random() < 0.5 else tt.hard_negative(scene, rng)
+        add("existence", f"is there a {colour} {shape}{place(_IN)} ?", scene.has(colour, shape))
+    named = tt.unique_by(scene, lambda i: (i.colour, i.label))
+    if named:
+        item = rng.choice(named)
+        size = item.size if rng.random() < 0.5 else tt.other_than(rng, SIZES, item.size)
+        if rng.choice(CHECK_FORMS) == "the":
+            add("size", f"is the {item.colour} {item.label}{place(_IN)} {size} ?", size == item.size)
+        elif size == item.size or rng.random() < 0.5:
+            add("size", f"is there a {size} {item.colour} {item.label}{place(_IN)} ?", size == item.size)
+        else:
+            colour, shape = tt.hard_negative(scene, rng)
+            add("size", f"is there a {rng.choice(SIZES)} {colour} {shape}{place(_IN)} ?", False)
+        item = rng.choice(named)
+        where = scene.position(item)
+        at = where if rng.random() < 0.5 else tt.other_than(rng, positions(scene.grid), where)
+        if rng.choice(CHECK_FORMS) == "the":
+            add("position", f"is the {item.colour} {item.label} at the {at}{place(_OF)} ?", at == where)
+        elif at == where or rng.random() < 0.6:
+            add("position", f"is there a {item.colour} {item.label} at the {at}{place(_OF)} ?", at == where)
+        else:
+            colour, shape = tt.hard_negative(scene, rng)
+            add("position", f"is there a {colour} {shape} at the {rng.choice(positions(scene.grid))}{place(_OF)} ?",
+                False)
+    if by_shape := tt.unique_by(scene, lambda i: i.label):
+        item = rng.choice(by_shape)
+        colour = item.colour if rng.random() < 0.5 else tt.other_than(rng, COLOURS, item.colour)
+        add("colour", f"is the {item.label}{place(_IN)} {colour} ?", colour == item.colour)
+    if by_colour := tt.unique_by(scene, lambda i: i.colour):
+        item = rng.choice(by_colour)
+        shape = item.label if rng.random() < 0.5 else tt.other_than(rng, SHAPES, item.label)
+        add("shape", f"is the {item.colour} object{place(_IN)} a {shape} ?", shape == item.label)
+    if scene.items and len(scene.shapes()) == len(scene.items):
+        n = len(scene.items)
+        shown = n if rng.random() < 0.5 else tt.other_than(rng, range(1, min(tt.MAX_ITEMS, scene.grid ** 2) + 1), n)
+        if rng.choice(CHECK_FORMS) == "the":
+            add("count", f"is the number of objects{place(_IN)} {NUMBER_WORDS[shown]} ?", shown == n)
+        else:
+            there = "is there one object" if shown == 1 else f"are there {NUMBER_WORDS[shown]} objects"
+            add("count", f"{there}{place(_IN)} ?", shown == n)
+    style = scene.style if rng.random() < 0.5 else tt.other_than(rng, STYLES, scene.style)
+    if rng.choice(CHECK_FORMS) == "the":
+        add("style", f"is the style{place(_OF)} {style} ?", style == scene.style)
+    else:
+        add("style", f"is the image {style} ?", style == scene.style)
+    word = scene.word()
+    same_length = [w for w in fitting_words(scene.grid) if len(w) == len(word) and w != word]
+    if word in WORDS and same_length:
+        shown = word if rng.random() < 0.5 else rng.choice(same_length)
+        add("word", f"is the word{place(_IN)} {shown} ?", shown == word)
+    return checks
+
+
+def tailed_check(question: str, rng: random.Random) -> str:
+    """A check with the tailed wording's answer-format tail on `TAIL_PROBABILITY` of them."""
+    return _with_tail(question, "existence", rng)
+
+
 def untailed(question: str) -> str:
     """The question without its answer-format tail."""
     return question.removesuffix(SHORT_ANSWER).strip().removesuffix(YES_NO).strip()
