@@ -12,6 +12,9 @@ benchmarks/results/suite_quality.json.
 `--bases DIR` starts from bases trained before (`DIR/base-s<seed>`, as written by `cmlora pretrain-base`) instead
 of pretraining them, and reports the wall time their `base_eval.json` does not hold as null. `--config F` tunes
 with another config than configs/suite_lora.yaml.
+
+The results file is rewritten after every seed (with "pending_seeds" until the last), so a run cut off keeps the
+seeds it finished; `--resume` then keeps those and measures only the seeds the file does not hold yet.
 """
 
 from __future__ import annotations
@@ -81,6 +84,27 @@ def one_seed(suite: Path, out: Path, seed: int, interference_tasks: str | None, 
     return result
 
 
+def write_results(path: Path, results: dict) -> str:
+    """Write the results whole or not at all (a temporary file renamed over the old one); returns the text."""
+    text = json.dumps(results, indent=1)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text + "\n")
+    partial.replace(path)
+    return text
+
+
+def earlier_runs(path: Path, header: dict) -> list[dict]:
+    """The runs a results file already holds, for `--resume`; it must measure the same suite with the same config."""
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    if {key: earlier.get(key) for key in header} != header:
+        raise SystemExit(f"{path}: holds runs of suite {earlier.get('suite')!r} with config {earlier.get('config')!r}, "
+                         f"not of {header['suite']!r} with {header['config']!r}; --resume only continues the same "
+                         "measurement (give another --results)")
+    return earlier["runs"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", required=True)
@@ -92,12 +116,21 @@ def main() -> None:
     parser.add_argument("--bases", type=Path, default=None, help="use DIR/base-s<seed> instead of pretraining")
     parser.add_argument("--config", type=Path, default=ROOT / "configs/suite_lora.yaml",
                         help="the instruction-tuning config (default: configs/suite_lora.yaml)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs --results already holds (same suite and config) and measure only the "
+                             "other seeds")
     args = parser.parse_args()
-    results = [one_seed(Path(args.suite), Path(args.out), seed, args.interference_tasks, args.bases, args.config)
-               for seed in args.seeds]
-    text = json.dumps({"suite": str(args.suite), "config": str(args.config), "runs": results}, indent=1)
-    Path(args.results).write_text(text + "\n")
-    print(text)
+    path, header = Path(args.results), {"suite": str(args.suite), "config": str(args.config)}
+    runs = earlier_runs(path, header) if args.resume else []
+    for seed in (kept := sorted({run["seed"] for run in runs} & set(args.seeds))):
+        print(f"seed {seed}: kept from {path}", file=sys.stderr)
+    pending = [seed for seed in args.seeds if seed not in kept]
+    while pending:
+        seed = pending.pop(0)
+        runs.append(one_seed(Path(args.suite), Path(args.out), seed, args.interference_tasks, args.bases, args.config))
+        if pending:  # after every seed, so that a run cut off keeps the seeds it finished (`--resume` goes on)
+            write_results(path, {**header, "pending_seeds": pending, "runs": runs})
+    print(write_results(path, {**header, "runs": runs}))
 
 
 if __name__ == "__main__":

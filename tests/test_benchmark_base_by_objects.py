@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .benchmark_helpers import benchmark_module
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("base_by_objects", ROOT / "benchmarks" / "base_by_objects.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("base_by_objects")
 
 
 def _write(tmp_path: Path, predictions: list[dict]) -> tuple[Path, Path]:
