@@ -129,6 +129,36 @@ def test_training_records_load_and_cover_the_categories(suite, manifest, train):
         load_records(suite / name, suite / "images")
 
 
+def test_a_record_scale_adds_records_of_its_task_after_those_a_suite_without_it_has(tmp_path):
+    sizes = {**SIZES, "train_per_task": 4, "pretrain_images": 6}
+    write_suite(tmp_path / "plain", 0, **sizes)
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in sizes.items()]
+    assert main(["synth", "--out", str(tmp_path / "scaled"), "--seed", "0", *flags,
+                 "--record-scale", "count_colour=3"]) == 0
+    manifest = json.loads((tmp_path / "scaled" / "manifest.json").read_text())
+    assert manifest["options"] == {"record_scales": {"count_colour": 3}}
+    assert "--record-scale count_colour=3" in manifest["command"]
+    plain = json.loads((tmp_path / "plain" / "train.json").read_text())
+    records = json.loads((tmp_path / "scaled" / "train.json").read_text())
+    counts = Counter(record["task_name"] for record in records)
+    assert counts["count_colour"] == 12 and {n for t, n in counts.items() if t != "count_colour"} == {4}
+    assert {entry["name"]: entry["count"] for entry in manifest["train_tasks"]}["count_colour"] == 12
+    by_id = {record["id"]: record for record in records}
+    assert all(by_id[record["id"]] == record for record in plain)  # every record of the unscaled suite, as it was
+    extra = [r for r in records if r["id"] not in {p["id"] for p in plain}]
+    assert len(extra) == 8 and {r["task_name"] for r in extra} == {"count_colour"}
+    images = {r["image"] for r in extra}
+    assert len(images) == 8 and not images & {r["image"] for r in plain}  # new images of the pool, for it alone
+    for name in ("train_eval.json", "pretrain.json", "eval/pope_popular.jsonl"):  # not scaled, and unchanged
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "scaled" / name).read_bytes(), name
+    for image in ["images/" + r["image"] for r in plain]:
+        assert (tmp_path / "plain" / image).read_bytes() == (tmp_path / "scaled" / image).read_bytes()
+    with pytest.raises(ValueError, match="no training task count_color"):
+        write_suite(tmp_path / "bad", 0, **sizes, record_scales={"count_color": 2})
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(tmp_path / "bad"), "--record-scale", "count_colour=0"])
+
+
 def test_synth_command_writes_the_natural_wording_and_the_suffix_share_when_asked(tmp_path):
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in SIZES.items()]
     assert main(["synth", "--out", str(tmp_path / "s"), *flags, "--questions", "natural",

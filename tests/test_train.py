@@ -274,3 +274,35 @@ def test_the_shipped_configs_load(name):
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
     assert config.r > 0 and config.learning_rate > 0
+
+
+@pytest.mark.parametrize(("adapter", "b_side"), [("lora", "lora_B"), ("mixlora", "mixlora_factors_b")])
+def test_lora_plus_ratio_trains_the_b_side_at_its_multiple_of_the_learning_rate(workspace, adapter, b_side):
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Groups(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            names = {id(p): n for n, p in model.named_parameters()}
+            seen["groups"] = [(group["initial_lr"], [names[id(p)] for p in group["params"]])
+                              for group in optimizer.param_groups]
+            seen["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+    train(tiny_config(workspace, f"{adapter}-plus", adapter=adapter, max_steps=1, save_steps=100,
+                      lora_plus_ratio=16.0), callbacks=[Groups()])
+    in_groups = sorted(name for _, names in seen["groups"] for name in names)
+    assert in_groups == seen["trainable"]  # every trainable parameter in exactly one group
+    for lr, names in seen["groups"]:
+        b_names = [n for n in names if b_side in n]
+        assert b_names in ([], names)  # a group is all B side or none of it
+        assert lr == pytest.approx(1e-3 * 16 if b_names else 1e-3)
+    assert any(b_side in n for lr, names in seen["groups"] if lr > 1e-3 for n in names)
+    assert any("multi_modal_projector" in n for lr, names in seen["groups"] if lr == 1e-3 for n in names)
+
+
+def test_lora_plus_ratio_is_checked():
+    with pytest.raises(ValueError, match="lora_plus_ratio must be > 0"):
+        TrainConfig(adapter="lora", lora_plus_ratio=0.0)
+    with pytest.raises(ValueError, match="not 'full'"):
+        TrainConfig(adapter="full", lora_plus_ratio=4.0)

@@ -89,6 +89,9 @@ class TrainConfig:
     epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: epochs)."})
     learning_rate: float = field(default=4e-5, metadata={"help": "Peak learning rate."})
+    lora_plus_ratio: float | None = field(default=None, metadata={
+        "help": "LoRA+ (Hayou et al., 2024): train the adapter's B side (LoRA's lora_B, MixLoRA's factor pool B) "
+                "at this multiple of learning_rate, the rest at learning_rate; None: one learning rate."})
     lr_scheduler: str = field(default="cosine", metadata={"help": "transformers scheduler name."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Share of steps spent warming up."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -114,6 +117,11 @@ class TrainConfig:
         if isinstance(self.replay_data, list) and not (self.replay_data and all(
                 isinstance(path, str) for path in self.replay_data)):
             raise ValueError(f"replay_data must be a file or a non-empty list of files, got {self.replay_data!r}")
+        if self.lora_plus_ratio is not None:
+            if not self.lora_plus_ratio > 0:
+                raise ValueError(f"lora_plus_ratio must be > 0, got {self.lora_plus_ratio}")
+            if self.adapter == "full":
+                raise ValueError("lora_plus_ratio needs an adapter with a B side (lora or mixlora), not 'full'")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -249,12 +257,44 @@ def _zero_stage(deepspeed_config: str | None) -> int:
     return int(json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
-def _trainer_class() -> type:
+# Parameter-name parts of an adapter's B side (the up-projection that starts at zero), for LoRA+.
+B_SIDE_NAMES = ("lora_B", "lora_embedding_B", "mixlora_factors_b")
+
+
+def lora_plus_groups(named_parameters: Any, learning_rate: float, ratio: float, weight_decay: float,
+                     decay_names: set[str]) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for LoRA+: the B side at `learning_rate * ratio`, every other trainable
+    parameter at `learning_rate`; weight decay only on `decay_names`, as Trainer does."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in named_parameters:
+        if param.requires_grad:
+            key = (any(part in name for part in B_SIDE_NAMES), name in decay_names)
+            groups.setdefault(key, []).append(param)
+    if not any(b_side for b_side, _ in groups):
+        raise ValueError(f"lora_plus_ratio: no trainable parameter's name contains any of {B_SIDE_NAMES}")
+    return [{"params": params, "lr": learning_rate * ratio if b_side else learning_rate,
+             "weight_decay": weight_decay if decayed else 0.0}
+            for (b_side, decayed), params in sorted(groups.items())]
+
+
+def _trainer_class(lora_plus_ratio: float | None = None) -> type:
     from transformers import Trainer
 
     class CmloraTrainer(Trainer):
-        """Trainer that adds MixLoRA's router statistics to every log line, and gives length-grouped sampling the
-        token lengths `InstructionDataset.validate` measured (transformers would encode every record again)."""
+        """Trainer that adds MixLoRA's router statistics to every log line, gives length-grouped sampling the
+        token lengths `InstructionDataset.validate` measured (transformers would encode every record again), and
+        with `lora_plus_ratio` builds LoRA+'s two learning rates into the optimizer Trainer would build."""
+
+        def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+            if lora_plus_ratio is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            opt_model = self.model if model is None else model
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            groups = lora_plus_groups(opt_model.named_parameters(), kwargs.pop("lr", self.args.learning_rate),
+                                      lora_plus_ratio, self.args.weight_decay,
+                                      set(self.get_decay_parameter_names(opt_model)))
+            self.optimizer = optimizer_cls(groups, **kwargs)
+            return self.optimizer
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -342,8 +382,9 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = InstructionCollator(pad_id, task_ids_key="mixlora_task_ids" if config.adapter == "mixlora" else None)
-    trainer = _trainer_class()(model=model, args=_training_arguments(config, run_dir), train_dataset=dataset,
-                               data_collator=collator, callbacks=callbacks, processing_class=processor)
+    trainer = _trainer_class(config.lora_plus_ratio)(
+        model=model, args=_training_arguments(config, run_dir), train_dataset=dataset, data_collator=collator,
+        callbacks=callbacks, processing_class=processor)
     checkpoints = complete_checkpoints(run_dir / "checkpoints") if resume else []
     if resume:
         print(f"[cmlora] resuming from {checkpoints[-1]}" if checkpoints else "[cmlora] no checkpoint to resume")

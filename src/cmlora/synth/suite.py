@@ -22,6 +22,7 @@ import math
 import random
 import shutil
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -132,30 +133,41 @@ def _pools() -> dict[str, list[tt.TaskSpec]]:
 
 
 def write_train(writer: Writer, seed: int, grid: int, per_task: int, part: str = "train",
-                short_answer_share: float = 0.0) -> tuple[list[dict], list[Scene]]:
+                short_answer_share: float = 0.0, record_scales: Mapping[str, int] | None = None,
+                ) -> tuple[list[dict], list[Scene]]:
     """Records of every training task; part "train" (train.json) or "train_eval" (held-out: other streams, other
-    images, the same instructions and conventions)."""
+    images, the same instructions and conventions).
+
+    In part "train" a task has `per_task * record_scales.get(task, 1)` records. A pool's first `per_task` images
+    are asked by every task of the pool; the images after them only by the tasks scaled up, so that the first
+    `per_task` records of every task are those of a suite without the scales. Returned with the records: the
+    scenes of the images every task of their pool asks about (the training images' statistics, e.g. POPE's
+    popular objects, do not follow the scales)."""
     records: dict[str, list[dict]] = {task.name: [] for task in tt.TASKS}
-    scenes: list[Scene] = []
+    shared_scenes: list[Scene] = []
     prefix = "" if part == "train" else f"{part}:"
     for pool, tasks in _pools().items():
         sampler = Sampler(stream(seed, f"{prefix}pool:{pool}"), grid, tt.MAX_ITEMS)
-        rngs = [stream(seed, f"{prefix}task:{task.name}") for task in tasks]
-        for index in range(per_task):
+        rngs = {task.name: stream(seed, f"{prefix}task:{task.name}") for task in tasks}
+        counts = {task.name: per_task * ((record_scales or {}).get(task.name, 1) if part == "train" else 1)
+                  for task in tasks}
+        for index in range(max(counts.values())):
+            active = [task for task in tasks if index < counts[task.name]]
             for _attempt in range(1000):
                 scene = tt.SCENES[tasks[0].scene](sampler)
-                asked = [tt.ask(task, scene, rng, short_answer_share) for task, rng in zip(tasks, rngs, strict=True)]
+                asked = [tt.ask(task, scene, rngs[task.name], short_answer_share) for task in active]
                 if all(asked):
                     break
             else:
                 raise RuntimeError(f"pool {pool!r}: no scene answers all of its tasks in 1000 draws")
             image = writer.save(scene, f"images/{part}/{pool}/{index:05d}.png")
-            scenes.append(scene)
-            for task, (question, answer) in zip(tasks, asked, strict=True):
+            if len(active) == len(tasks):
+                shared_scenes.append(scene)
+            for task, (question, answer) in zip(active, asked, strict=True):
                 record_id = f"{task.name}-{index:05d}" if part == "train" else f"{part}-{task.name}-{index:05d}"
                 records[task.name].append(_record(record_id, image[len("images/"):], task.name,
                                                   [(question, answer)]))
-    return [record for task in tt.TASKS for record in records[task.name]], scenes
+    return [record for task in tt.TASKS for record in records[task.name]], shared_scenes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,6 +351,8 @@ def command(out: str, seed: int, sizes: dict[str, Any]) -> str:
         name = key.replace("_", "-")
         if isinstance(value, bool):  # a switch: --checks / --no-checks
             return f"--{name}" if value else f"--no-{name}"
+        if isinstance(value, dict):  # a repeated TASK=K flag: --record-scale digit_sum=8
+            return " ".join(f"--{name.removesuffix('s')} {k}={v}" for k, v in value.items())
         return f"--{name} {value}"
 
     flags = " ".join(flag(key, value) for key, value in sizes.items())
@@ -349,15 +363,16 @@ def write_suite(out: str | Path, seed: int = 0, *, grid: int = 2, train_per_task
                 mme_images_per_subtask: int = 30, pretrain_images: int = 20000, pretrain_eval_per_skill: int = 100,
                 train_eval_per_task: int = 30, font: str = "auto", questions: str = DEFAULT_STYLE,
                 short_answer_share: float = 0.0, count_share: float = COUNT_SHARE,
-                checks: bool = CHECKS) -> dict[str, Any]:
+                checks: bool = CHECKS, record_scales: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Generate the suite in `out` (an empty folder, or one holding an earlier suite, which is replaced);
     returns the manifest. See the module docstring for the layout.
 
     `questions`: the wording of the base's pretraining questions (`questions.QUESTION_STYLES`); `short_answer_share`:
     the share of training instructions followed by LLaVA-1.5's short-answer instruction. Both are opt-in
     (BENCHMARKS.md, ninth session). `count_share`: the share of the pretraining images of shapes alone that are
-    also asked to count one colour or one shape (`write_pretrain`). Options are recorded in the manifest only when
-    not the default."""
+    also asked to count one colour or one shape (`write_pretrain`). `record_scales`: training tasks written with
+    that many times `train_per_task` records (`write_train`; opt-in, BENCHMARKS.md, "LoRA+ and the hard tasks'
+    share"). Options are recorded in the manifest only when not the default."""
     out = Path(out)
     positions(grid)  # validates the grid
     sizes = {"grid": grid, "train_per_task": train_per_task, "eval_per_task": eval_per_task,
@@ -370,14 +385,21 @@ def write_suite(out: str | Path, seed: int = 0, *, grid: int = 2, train_per_task
         if not 0 <= share <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {share}")
     pretrain_skills(questions)  # validates the style
+    record_scales = dict(record_scales or {})
+    unknown = sorted(set(record_scales) - {task.name for task in tt.TASKS})
+    if unknown or not all(isinstance(k, int) and k >= 1 for k in record_scales.values()):
+        raise ValueError(f"record_scales: training task names with whole scales of 1 or more, got {record_scales}"
+                         + (f" (no training task {', '.join(unknown)})" if unknown else ""))
     options = {key: value for key, value, default in (("questions", questions, DEFAULT_STYLE),
                                                        ("short_answer_share", short_answer_share, 0.0),
                                                        ("count_share", count_share, COUNT_SHARE),
-                                                       ("checks", checks, CHECKS))
+                                                       ("checks", checks, CHECKS),
+                                                       ("record_scales", record_scales, {}))
                if value != default}
     _prepare(out)
     writer = Writer(out, font_kind(font))
-    records, train_scenes = write_train(writer, seed, grid, train_per_task, short_answer_share=short_answer_share)
+    records, train_scenes = write_train(writer, seed, grid, train_per_task, short_answer_share=short_answer_share,
+                                        record_scales=record_scales)
     _dump(out / "train.json", records)
     held_out, _ = write_train(writer, seed, grid, train_eval_per_task, "train_eval", short_answer_share)
     _dump(out / "train_eval.json", held_out)
