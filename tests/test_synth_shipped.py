@@ -54,6 +54,39 @@ def test_the_content_key_does_not_depend_on_the_suites_folder_name(suite, tmp_pa
     assert content_hash(tmp_path / "seed1", PretrainConfig()) != content_hash(suite, PretrainConfig())
 
 
+def test_the_key_hashes_what_a_base_reads_and_a_record_scale_changes_none_of_it(suite, tmp_path):
+    from cmlora.synth.base import language_corpus
+
+    key = content_hash(suite, PretrainConfig())
+    scaled = tmp_path / "scaled"
+    write_suite(scaled, 0, **MINI, record_scales={"digit_sum": 8, "count_colour": 3})
+    assert (scaled / "train.json").read_bytes() != (suite / "train.json").read_bytes()
+    assert language_corpus(scaled) == language_corpus(suite)  # the scaled records are not read
+    assert content_hash(scaled, PretrainConfig()) == key
+
+    def edited(name, old, new):
+        path = suite / name
+        text = path.read_text()
+        assert old in text and new != old, (name, old)
+        path.write_text(text.replace(old, new, 1))
+        try:
+            return content_hash(suite, PretrainConfig())
+        finally:
+            path.write_text(text)
+
+    # A training image's scene, the manifest's summary of the training records: not read by a base.
+    lines = (suite / "scenes.jsonl").read_text().splitlines()
+    train_line = next(line for line in lines if line.startswith('{"image": "images/train/'))
+    assert edited("scenes.jsonl", train_line, train_line.replace('"grid": 2', '"grid": 3')) == key
+    assert edited("manifest.json", '"train_records"', '"train_records_"') == key
+    # A pretraining image's scene, the image settings, a training instruction the corpus holds: read.
+    base_line = next(line for line in lines if line.startswith('{"image": "images/pretrain/'))
+    assert edited("scenes.jsonl", base_line, base_line.replace('"grid": 2', '"grid": 3')) != key
+    assert edited("manifest.json", '"palette"', '"palette_"') != key
+    answer = json.loads((suite / "train.json").read_text())[0]["conversations"][1]["value"]
+    assert edited("train.json", f'"{answer}"', f'"{answer} ."') != key
+
+
 def test_the_facts_are_part_of_the_key_only_when_the_base_reads_them(suite, monkeypatch):
     from cmlora.synth import knowledge
 

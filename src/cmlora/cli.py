@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     synth_parser.add_argument("--record-scale", dest="record_scales", action="append", default=[],
                               type=_record_scale, metavar="TASK=K",
                               help="write K times --train-per-task records of training task TASK (repeatable; "
-                                   "opt-in, see BENCHMARKS.md: digit_sum=8 lifted it from 0.17-0.27 to 0.70-0.93)")
+                                   "opt-in, see BENCHMARKS.md: digit_sum=8 lifted it from 0.17-0.27 to 0.63-0.93)")
     base_parser = commands.add_parser("pretrain-base", help="train the tiny base on a suite (cached by content)")
     base_parser.add_argument("--suite", required=True, help="a folder written by cmlora synth")
     base_parser.add_argument("--out", required=True, help="folder to copy the trained base to")

@@ -16,8 +16,9 @@
   0.01, clipping 1.0, batch 32, 5 % warm-up, cosine decay to 5 %. Batches are drawn from length-sorted pools so that
   little of each step is padding;
 then measures held-out accuracy per skill on `pretrain_eval.json`, and saves the model in Hugging Face format
-with `base_eval.json` beside it. Results are cached by a content hash of the suite's files and the recipe
-(`content_hash`); the base the project ships (`synth.shipped`) serves the suite and recipe it was trained for.
+with `base_eval.json` beside it. Results are cached by a content hash of what the base reads of the suite and of
+the recipe (`content_hash`); the base the project ships (`synth.shipped`) serves the suite and recipe it was
+trained for.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import random
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -131,18 +133,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CMLORA_CACHE", Path.home() / ".cache" / "cmlora"))
 
 
+# What of a suite a base reads, and so all its content key hashes. The image folders: their scenes (stage 0's
+# labels) and, through the manifest's sections below, how their pixels were drawn (the generator, the seed, the
+# image settings and font, the pretraining options). The other sections describe the training and evaluation
+# records, which a base reads only as text (`language_corpus`, hashed itself): a `--record-scale`, which changes
+# them and nothing a base reads, keeps the key, so the shipped base serves a scaled suite.
+BASE_IMAGE_FOLDERS = ("pretrain", "pretrain_eval")
+BASE_MANIFEST_SECTIONS = ("generator", "format_version", "seed", "sizes", "image", "pretrain", "options")
+TUNING_OPTIONS = ("record_scales",)  # suite options that change the training records only
+
+
 def content_hash(suite: Path, config: PretrainConfig) -> str:
     digest = hashlib.sha256()
-    for name in ("pretrain.json", CHECKS_FILE, "pretrain_eval.json", "manifest.json", "scenes.jsonl"):
+    for name in ("pretrain.json", CHECKS_FILE, "pretrain_eval.json"):
         if name == CHECKS_FILE and not (suite / name).exists():
             continue
-        data = (suite / name).read_bytes()
-        if name == "manifest.json":  # its command names the suite's folder, which changes nothing in a base
-            manifest = json.loads(data)
-            manifest.pop("command", None)
-            data = json.dumps(manifest, sort_keys=True).encode()
         digest.update(name.encode())
-        digest.update(data)
+        digest.update((suite / name).read_bytes())
+    manifest = json.loads((suite / "manifest.json").read_text())
+    sections = {key: manifest[key] for key in BASE_MANIFEST_SECTIONS if key in manifest}
+    options = {key: value for key, value in sections.pop("options", {}).items() if key not in TUNING_OPTIONS}
+    if options:
+        sections["options"] = options
+    digest.update(b"manifest.json")
+    digest.update(json.dumps(sections, sort_keys=True).encode())
+    prefixes = tuple(f"images/{folder}/" for folder in BASE_IMAGE_FOLDERS)
+    digest.update(b"scenes.jsonl")
+    with open(suite / "scenes.jsonl", encoding="utf-8") as handle:
+        for line in handle:  # the scene lines of the base's images, as written
+            if json.loads(line)["image"].startswith(prefixes):
+                digest.update(line.encode())
     digest.update("\n".join(language_corpus(suite)).encode())
     recipe = asdict(config)
     if config.knowledge_repeats:
@@ -183,14 +203,23 @@ def language_corpus(suite: Path) -> list[str]:
     pretraining: every distinct instruction and every distinct answer of the training tasks (each on its own,
     never a question with its answer), and every distinct prompt of the evaluation tasks as they are asked
     (never their targets). Without it, LoRA cannot read the instructions: the embeddings of words that only
-    the tasks use stay at their random initialisation, and LoRA does not train embeddings."""
+    the tasks use stay at their random initialisation, and LoRA does not train embeddings.
+
+    Of each training task, only its first `train_per_task` records (the manifest's size): those every suite of
+    that seed and size has, whatever its `--record-scale`, so that scaling a task changes nothing a base reads."""
     from ..evaluation.inputs import read_mme, read_task_dir
     from ..evaluation.tasks import spec_for
 
     texts: dict[str, None] = {}
     path = suite / "train.json"
     if path.exists():
+        manifest = suite / "manifest.json"
+        per_task = json.loads(manifest.read_text())["sizes"]["train_per_task"] if manifest.exists() else math.inf
+        seen: Counter[str] = Counter()
         for record in json.loads(path.read_text()):
+            seen[record["task_name"]] += 1
+            if seen[record["task_name"]] > per_task:
+                continue
             for turn in record["conversations"]:
                 texts[turn["value"].replace(IMAGE_MARKER, "").strip()] = None
     examples = []
