@@ -43,7 +43,7 @@ from ..data import InstructionCollator, InstructionDataset, load_records
 from ..data.records import IMAGE_MARKER, one_question_each
 from . import knowledge, shipped
 from .questions import DESCRIBE, question_kind
-from .vision import VisionPretrainConfig, pretrain_vision
+from .vision import BASE_IMAGE_FOLDERS, VisionPretrainConfig, pretrain_vision, scene_lines
 
 # Part of the cache key (the package's version is not: a release that leaves the recipe alone keeps its cached and
 # shipped bases). Bump it whenever the code changes what a base learns (template, loop, eval), then `make
@@ -133,12 +133,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CMLORA_CACHE", Path.home() / ".cache" / "cmlora"))
 
 
-# What of a suite a base reads, and so all its content key hashes. The image folders: their scenes (stage 0's
-# labels) and, through the manifest's sections below, how their pixels were drawn (the generator, the seed, the
-# image settings and font, the pretraining options). The other sections describe the training and evaluation
-# records, which a base reads only as text (`language_corpus`, hashed itself): a `--record-scale`, which changes
-# them and nothing a base reads, keeps the key, so the shipped base serves a scaled suite.
-BASE_IMAGE_FOLDERS = ("pretrain", "pretrain_eval")
+# What of a suite a base reads, and so all its content key hashes. The image folders (`vision.BASE_IMAGE_FOLDERS`):
+# their scenes (stage 0's labels) and, through the manifest's sections below, how their pixels were drawn (the
+# generator, the seed, the image settings and font, the pretraining options). The other sections describe the
+# training and evaluation records, which a base reads only as text (`language_corpus`, hashed itself): a
+# `--record-scale`, which changes them and nothing a base reads, keeps the key, so the shipped base serves a scaled
+# suite.
 BASE_MANIFEST_SECTIONS = ("generator", "format_version", "seed", "sizes", "image", "pretrain", "options")
 TUNING_OPTIONS = ("record_scales",)  # suite options that change the training records only
 
@@ -157,12 +157,9 @@ def content_hash(suite: Path, config: PretrainConfig) -> str:
         sections["options"] = options
     digest.update(b"manifest.json")
     digest.update(json.dumps(sections, sort_keys=True).encode())
-    prefixes = tuple(f"images/{folder}/" for folder in BASE_IMAGE_FOLDERS)
     digest.update(b"scenes.jsonl")
-    with open(suite / "scenes.jsonl", encoding="utf-8") as handle:
-        for line in handle:  # the scene lines of the base's images, as written
-            if json.loads(line)["image"].startswith(prefixes):
-                digest.update(line.encode())
+    for line, _row in scene_lines(suite, BASE_IMAGE_FOLDERS):
+        digest.update(line.encode())
     digest.update("\n".join(language_corpus(suite)).encode())
     recipe = asdict(config)
     if config.knowledge_repeats:
@@ -213,8 +210,7 @@ def language_corpus(suite: Path) -> list[str]:
     texts: dict[str, None] = {}
     path = suite / "train.json"
     if path.exists():
-        manifest = suite / "manifest.json"
-        per_task = json.loads(manifest.read_text())["sizes"]["train_per_task"] if manifest.exists() else math.inf
+        per_task = json.loads((suite / "manifest.json").read_text())["sizes"]["train_per_task"]
         seen: Counter[str] = Counter()
         for record in json.loads(path.read_text()):
             seen[record["task_name"]] += 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,23 +81,34 @@ def cell_labels(scenes: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"content": content, "colour": colour, "size": size, "cell": cell, "style": style}
 
 
+# The suite's image folders a base reads (stage 0 here, stage 1 through pretrain*.json); `base.content_hash` hashes
+# their scene lines.
+BASE_IMAGE_FOLDERS = ("pretrain", "pretrain_eval")
+
+
+def scene_lines(suite: Path, folders: tuple[str, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each line of scenes.jsonl (as written) with its parsed row, for the images under `images/<folder>/` of any
+    of `folders`; a line that is not a scene raises ValueError naming the file and line."""
+    prefixes = tuple(f"images/{folder}/" for folder in folders)
+    with open(suite / "scenes.jsonl", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            try:
+                row = json.loads(line)
+                wanted = row["image"].startswith(prefixes)
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+                raise ValueError(f"{suite / 'scenes.jsonl'}:{line_number}: not a scene line ({error!r})") from None
+            if wanted:
+                yield line, row
+
+
 def load_part(suite: Path, folder: str, image_processor: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pixel values (through the model's own image processor) and cell labels of the suite's images whose path
     starts with `images/<folder>/`."""
     from PIL import Image
 
-    prefix = f"images/{folder}/"
-    rows = []
-    with open(suite / "scenes.jsonl", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            try:
-                row = json.loads(line)
-                if row["image"].startswith(prefix):
-                    rows.append(row)
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{suite / 'scenes.jsonl'}:{line_number}: not a scene line ({error!r})") from None
+    rows = [row for _line, row in scene_lines(suite, (folder,))]
     if not rows:
-        raise ValueError(f"{suite / 'scenes.jsonl'}: no scene of an image under {prefix}")
+        raise ValueError(f"{suite / 'scenes.jsonl'}: no scene of an image under images/{folder}/")
     images = []
     for row in rows:
         with Image.open(suite / row["image"]) as image:
