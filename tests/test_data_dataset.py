@@ -9,6 +9,7 @@ import torch
 
 from cmlora import vlm
 from cmlora.data import TEMPLATES, DataError, InstructionCollator, InstructionDataset, Record, Turn
+from cmlora.data.collator import pack_rows
 
 from .data_helpers import mixed_records
 
@@ -224,3 +225,90 @@ def test_a_generation_prompt_is_exactly_what_precedes_the_first_learned_token(tm
         assert item["input_ids"][:first_learned].tolist() == prompt_ids, answer
         assert tokenizer.decode(item["labels"][first_learned:][item["labels"][first_learned:] != -100]).strip() \
             == f"{answer}</s>"
+
+
+def test_pack_rows_fills_few_rows_longest_first_and_refuses_an_item_longer_than_a_row():
+    # 5 opens row 0, 4 row 1, 3 fits neither and opens row 2, 2 fills row 1, 1 fills row 0: three full rows
+    assert pack_rows([3, 5, 2, 4, 1], 6) == [[1, 4], [3, 2], [0]]
+    assert pack_rows([2, 2, 2], 6) == [[0, 1, 2]]
+    with pytest.raises(ValueError, match="item 'long' has 7 tokens, more than a packed row's 6"):
+        pack_rows([2, 7], 6, ids=["short", "long"])
+
+
+def packed_items(dataset):
+    return [dataset[0], dataset[1], dataset[2], dataset[2], dataset[1], dataset[0]]  # images in rows and between
+
+
+def test_a_packed_batch_lays_each_item_out_once_with_its_own_positions_and_images_in_token_order(tiny, records):
+    _, processor = tiny
+    dataset = InstructionDataset(records, processor)
+    items = packed_items(dataset)
+    lengths = [len(item["input_ids"]) for item in items]
+    width = max(lengths) + min(lengths)
+    batch = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None, pack_width=width)(items)
+    assert set(batch) == {"input_ids", "labels", "position_ids", "pixel_values", "use_cache"}
+    assert batch["use_cache"] is False  # transformers finds packed items only without a KV cache
+    rows = pack_rows(lengths, width)
+    assert len(rows) < len(items) and batch["input_ids"].shape[0] == len(rows)
+    assert batch["input_ids"].shape[1] == max(sum(lengths[i] for i in row) for row in rows) <= width
+    pixels = []
+    for row, members in enumerate(rows):
+        start = 0
+        for index in members:
+            span = slice(start, start + lengths[index])
+            assert torch.equal(batch["input_ids"][row, span], items[index]["input_ids"])
+            assert torch.equal(batch["labels"][row, span], items[index]["labels"])
+            assert batch["position_ids"][row, span].tolist() == list(range(lengths[index]))
+            if items[index]["pixel_values"] is not None:
+                pixels.append(items[index]["pixel_values"])
+            start += lengths[index]
+        tail = batch["input_ids"].shape[1] - start
+        assert batch["position_ids"][row, start:].tolist() == list(range(tail))  # padding: a block of its own
+        assert (batch["labels"][row, start:] == -100).all()
+    assert torch.equal(batch["pixel_values"], torch.cat(pixels))
+
+
+def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(tiny, records):
+    model, processor = tiny
+    dataset = InstructionDataset(records, processor)
+    items = packed_items(dataset)
+    pad = processor.tokenizer.pad_token_id
+    width = max(len(item["input_ids"]) for item in items) * 3
+    padded = InstructionCollator(pad, task_ids_key=None)(items)
+    packed = InstructionCollator(pad, task_ids_key=None, pack_width=width)(items)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+
+    def loss_and_gradients(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model.train()
+    try:
+        loss, gradients = loss_and_gradients(padded)
+        packed_loss, packed_gradients = loss_and_gradients(packed)
+        # Without the restarting positions the items would attend to each other: another loss (the check can fail).
+        positions = torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])
+        leaking_loss, _ = loss_and_gradients({**packed, "position_ids": positions})
+    finally:
+        model.zero_grad()
+        model.eval()
+    torch.testing.assert_close(packed_loss, loss, atol=1e-5, rtol=1e-5)
+    assert len(packed_gradients) == len(gradients) > 0
+    for packed_gradient, gradient in zip(packed_gradients, gradients, strict=True):
+        torch.testing.assert_close(packed_gradient, gradient, atol=1e-5, rtol=1e-4)
+    assert abs(leaking_loss - loss) > 1e-3
+
+
+def test_packing_refuses_task_ids_and_per_token_inputs(tiny, records):
+    _, processor = tiny
+    dataset = InstructionDataset(records, processor)
+    with pytest.raises(ValueError, match="task ids are per row"):
+        InstructionCollator(0, pack_width=64)
+    with pytest.raises(ValueError, match="pack_width must be positive"):
+        InstructionCollator(0, task_ids_key=None, pack_width=0)
+    item = dict(dataset[2])
+    item["mm_token_type_ids"] = torch.zeros(len(item["input_ids"]), dtype=torch.long)
+    with pytest.raises(ValueError, match=r"per-token inputs \['mm_token_type_ids'\]"):
+        InstructionCollator(0, task_ids_key=None, pack_width=256)([item])

@@ -97,6 +97,29 @@ def test_train_output_head_trains_saves_and_reloads_the_output_layer(workspace, 
     assert not any("lm_head" in k for k in without)
 
 
+def test_pack_sequences_trains_lora_to_the_padded_runs_weights(workspace):
+    # plain: records of about 16 tokens, so a batch of 4 packs into one row of max_length 128
+    runs = {pack: train(tiny_config(workspace, f"lora-pack-{pack}", adapter="lora", max_steps=3, save_steps=100,
+                                    template="plain", lora_dropout=0.0, pack_sequences=pack))
+            for pack in (False, True)}  # dropout draws by shape
+    padded, packed = (load_file(runs[pack] / "adapter" / "adapter_model.safetensors") for pack in (False, True))
+    base, _ = vlm.load(workspace[1])
+    assert padded.keys() == packed.keys()
+    key = next(k for k in padded if k.endswith("multi_modal_projector.linear_1.weight"))
+    assert not torch.equal(padded[key], base.model.multi_modal_projector.linear_1.weight)  # trained
+    for name in padded:
+        torch.testing.assert_close(packed[name], padded[name], atol=1e-4, rtol=1e-3, msg=name)
+    assert load_config(runs[True] / "config.yaml").pack_sequences
+
+
+def test_pack_sequences_refuses_mixlora_and_models_it_does_not_support(workspace, monkeypatch):
+    with pytest.raises(ValueError, match="MixLoRA selects its factors per row"):
+        TrainConfig(adapter="mixlora", pack_sequences=True)
+    monkeypatch.setattr("cmlora.train.PACKABLE_MODEL_TYPES", ("qwen2_vl",))
+    with pytest.raises(ValueError, match=r"is a 'llava' model; packed rows are supported for \['qwen2_vl'\]"):
+        train(tiny_config(workspace, "lora-pack-refused", adapter="lora", pack_sequences=True))
+
+
 def test_train_output_head_refuses_a_head_tied_to_the_input_embeddings(workspace):
     from cmlora.train import output_head_name
 

@@ -36,6 +36,9 @@ from .config import MixLoraConfig
 from .layer import MixLoraLayer
 
 ADAPTERS = ("mixlora", "lora", "full")
+# Models whose forward takes packed rows (InstructionCollator's pack_width): one position id per token, image
+# features filled into the image tokens in order. Qwen2-VL's M-RoPE positions are 3-D and computed per row.
+PACKABLE_MODEL_TYPES = ("llava",)
 
 
 @dataclass
@@ -66,6 +69,11 @@ class TrainConfig:
     group_by_length: bool = field(default=False, metadata={
         "help": "Batch records of similar token length together (transformers' LengthGroupedSampler): less "
                 "padding where lengths vary, e.g. short tasks mixed with long replay conversations."})
+    pack_sequences: bool = field(default=False, metadata={
+        "help": "Pack each batch's records into rows of up to max_length tokens, attention kept within each record "
+                "(position ids restart per record): the padded batch's loss and gradients for fewer tokens computed, "
+                "where lengths vary. LLaVA models; lora and full adapters (MixLoRA routes each row as one "
+                "instance)."})
     # adapter
     r: int = field(default=4, metadata={"help": "Rank (LoRA) / factors selected per instance (MixLoRA)."})
     num_factors: int = field(default=16, metadata={"help": "MixLoRA: factors per pool (E)."})
@@ -117,6 +125,9 @@ class TrainConfig:
         if isinstance(self.replay_data, list) and not (self.replay_data and all(
                 isinstance(path, str) for path in self.replay_data)):
             raise ValueError(f"replay_data must be a file or a non-empty list of files, got {self.replay_data!r}")
+        if self.pack_sequences and self.adapter == "mixlora":
+            raise ValueError("pack_sequences puts several records in one row, and MixLoRA selects its factors per row "
+                             "(one instance each); use adapter lora or full, or pack_sequences: false")
         if self.lora_plus_ratio is not None:
             if not self.lora_plus_ratio > 0:
                 raise ValueError(f"lora_plus_ratio must be > 0, got {self.lora_plus_ratio}")
@@ -363,6 +374,10 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     set_seed(config.seed)
     model, processor = vlm.load(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32)
+    if config.pack_sequences and vlm.model_type(model) not in PACKABLE_MODEL_TYPES:
+        raise ValueError(f"pack_sequences: {config.model} is a {vlm.model_type(model)!r} model; packed rows are "
+                         f"supported for {list(PACKABLE_MODEL_TYPES)} (one position per token). Set pack_sequences: "
+                         "false")
     records, skipped = load_records(config.data, config.image_folder, skip_bad_records=config.skip_bad_records)
     if config.replay_data:
         records += replay_records(config, records)
@@ -381,7 +396,8 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
         prepare_for_zero3(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = InstructionCollator(pad_id, task_ids_key="mixlora_task_ids" if config.adapter == "mixlora" else None)
+    collator = InstructionCollator(pad_id, task_ids_key="mixlora_task_ids" if config.adapter == "mixlora" else None,
+                                   pack_width=config.max_length if config.pack_sequences else None)
     trainer = _trainer_class(config.lora_plus_ratio)(
         model=model, args=_training_arguments(config, run_dir), train_dataset=dataset, data_collator=collator,
         callbacks=callbacks, processing_class=processor)

@@ -1,4 +1,5 @@
-"""Batching dataset items for `model(**batch)`: right padding, attention mask, the processor's extra inputs, task ids.
+"""Batching dataset items for `model(**batch)`: right padding, attention mask, the processor's extra inputs, task ids;
+or packed rows (several records per row, no padding between them).
 
 The batch holds only what the model's forward accepts (plus the MixLoRA task-id key, which the MixLoRA model
 reads for task-conditioned routing and analysis): HF Trainer passes the whole dict to `model(**batch)`, so record
@@ -36,26 +37,43 @@ class InstructionCollator:
     Items without an image contribute nothing to the per-image tensors, so image i of the batch belongs to the i-th
     row that has image tokens: the order in which LLaVA and Qwen2-VL fill image tokens (and Qwen2-VL walks
     image_grid_thw for M-RoPE positions). A batch without images has no per-image keys.
+
+    With `pack_width`, the items are packed into rows of at most `pack_width` tokens instead (first fit, longest
+    first), each item's position ids restarting at 0, and the batch has position_ids and use_cache=False in place of
+    attention_mask. transformers then reads the item boundaries from the position ids and keeps attention within each
+    item (`masking_utils.find_packed_sequence_indices`; it does so only without an attention mask and a KV cache), so
+    loss and gradients are those of the padded batch, for the tokens of the items alone: padding costs compute in
+    proportion to the batch's longest item, and a short-answer task mixed with long descriptions is mostly padding.
+    The tail of a row is padding with position ids of its own (a block that attends to itself, never labelled).
+    Images follow the items in the order their image tokens appear, row by row. Packing serves models whose forward
+    takes one position per token (LLaVA); per-token processor inputs (Qwen2-VL's mm_token_type_ids, whose M-RoPE
+    positions are 3-D) and per-row task ids (MixLoRA routes each row as one instance) are refused.
     """
 
     def __init__(self, pad_token_id: int, *, task_ids_key: str | None = "mixlora_task_ids",
-                 pad_to_multiple_of: int | None = None) -> None:
+                 pad_to_multiple_of: int | None = None, pack_width: int | None = None) -> None:
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
+        if pack_width is not None and pack_width < 1:
+            raise ValueError(f"pack_width must be positive, got {pack_width}")
+        if pack_width is not None and task_ids_key is not None:
+            raise ValueError("pack_width packs several records into one row, but task ids are per row (MixLoRA "
+                             "routes each row as one instance); pass task_ids_key=None to pack")
         self.pad_token_id = pad_token_id
         self.task_ids_key = task_ids_key
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.pack_width = pack_width
 
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
             raise ValueError("InstructionCollator got an empty list of items")
         for item in items:
             if len(item["input_ids"]) != len(item["labels"]):
                 raise ValueError(f"item {item.get('id', '?')!r}: input_ids and labels differ in length "
                                  f"({len(item['input_ids'])} vs {len(item['labels'])})")
-        width = max(len(item["input_ids"]) for item in items)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        if self.pack_width is not None:
+            return self._pack(items)
+        width = self._padded(max(len(item["input_ids"]) for item in items))
         input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -73,6 +91,58 @@ class InstructionCollator:
         if self.task_ids_key is not None:
             batch[self.task_ids_key] = torch.tensor([int(item["task_id"]) for item in items], dtype=torch.long)
         return batch
+
+    def _padded(self, width: int) -> int:
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return width
+
+    def _pack(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        token_keys, image_keys = _extra_keys(items)
+        if token_keys:
+            raise ValueError(f"pack_width: the items have per-token inputs {token_keys}, which packed rows do not "
+                             "support (Qwen2-VL's M-RoPE positions); train this model without packing")
+        rows = pack_rows([len(item["input_ids"]) for item in items], self.pack_width,
+                         [item.get("id", "?") for item in items])
+        width = self._padded(max(sum(len(items[i]["input_ids"]) for i in row) for row in rows))
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, members in enumerate(rows):
+            start = 0
+            for index in members:
+                length = len(items[index]["input_ids"])
+                input_ids[row, start:start + length] = torch.as_tensor(items[index]["input_ids"])
+                labels[row, start:start + length] = torch.as_tensor(items[index]["labels"])
+                position_ids[row, start:start + length] = torch.arange(length)
+                start += length
+            position_ids[row, start:] = torch.arange(width - start)
+        batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                                 "use_cache": False}
+        in_order = [items[index] for row in rows for index in row]  # the order of the image tokens
+        for key in image_keys:
+            batch[key] = _concatenate_per_image(in_order, key)
+        return batch
+
+
+def pack_rows(lengths: Sequence[int], width: int, ids: Sequence[Any] | None = None) -> list[list[int]]:
+    """The item indices of each row when items of `lengths` are packed into rows of at most `width` tokens: first
+    fit, longest first (ties in item order), so rows are few and full; an error naming an item longer than a row."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[index] > width:
+            name = ids[index] if ids is not None else index
+            raise ValueError(f"item {name!r} has {lengths[index]} tokens, more than a packed row's {width}; "
+                             "pack_width must be at least the items' max_length")
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
 
 
 def _is_per_token(item: dict[str, Any], value: torch.Tensor) -> bool:
