@@ -19,6 +19,9 @@ between steps (outside the timed region):
   called, so the routing-context hook, pooling over all positions (the wrapper passes no attention mask),
   IFS+CFS routing and the gather + two batched matmuls are all timed.
 - mixlora_scores: the same with router_grad="scores" (routers are trainable parameters; pairs are scaled).
+- mixlora_packed: the mixlora variant on packed rows: each row of x holds 4 records of seq/4 positions, named by
+  `mixlora_segment_ids`, so each record is pooled and routed alone and its factors applied to its positions as a
+  rank-E update (all E coefficients, then a gather and a scatter of each record's r; `Linear._add_packed_update`).
 - peft_lora: PEFT's LoraConfig(r=8, lora_alpha=16) on the same wrapper.
 - materialised: the reference code's arithmetic. Same routing (cmlora.routing.pool / route, with the factors
   and routers copied from the mixlora variant, so both select the same factors), but each instance's update
@@ -64,6 +67,7 @@ from cmlora.routing import pool, route
 
 NUM_FACTORS = 32
 RANK = 8
+RECORDS_PER_ROW = 4
 LLAVA_7B_SHAPES = "4096x4096,11008x4096"
 QUICK = {"shapes": "256x256", "batch": 2, "seq": 16, "reps": 2}
 MIB = 2**20
@@ -95,6 +99,20 @@ def mixlora_config(router_grad: str) -> cmlora.MixLoraConfig:
 
 def build_mixlora(weight: nn.Parameter, router_grad: str) -> nn.Module:
     return peft.get_peft_model(OneLinear(weight), mixlora_config(router_grad))
+
+
+class PackedMixLora(nn.Module):
+    """The mixlora variant called with segment ids: RECORDS_PER_ROW records per row of x, each routed alone."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.model = build_mixlora(weight, "none")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, seq = x.shape[0], x.shape[1]
+        per_row = torch.arange(seq, device=x.device) * RECORDS_PER_ROW // seq  # 0,0,..,1,1,..: contiguous records
+        ids = per_row.unsqueeze(0) + RECORDS_PER_ROW * torch.arange(rows, device=x.device).unsqueeze(1)
+        return self.model(x, mixlora_segment_ids=ids)
 
 
 def build_peft_lora(weight: nn.Parameter) -> nn.Module:
@@ -137,13 +155,14 @@ def mixlora_layer(model: nn.Module) -> nn.Module:
 
 
 def build_variants(weight: nn.Parameter) -> dict[str, nn.Module]:
-    """The five variants of one shape/device/dtype, all on the shared frozen weight."""
+    """The six variants of one shape/device/dtype, all on the shared frozen weight."""
     weight.requires_grad_(False)
     mixlora = build_mixlora(weight, "none")
     variants = {
         "base": OneLinear(weight),
         "mixlora": mixlora,
         "mixlora_scores": build_mixlora(weight, "scores"),
+        "mixlora_packed": PackedMixLora(weight),
         "peft_lora": build_peft_lora(weight),
         "materialised": MaterialisedMixLora(weight, mixlora_layer(mixlora), mixlora.peft_config["default"]),
     }
@@ -251,6 +270,8 @@ def ratios(stats: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "time_mixlora_scores_over_mixlora": ratio(secs["mixlora_scores"], secs["mixlora"]),
         "time_mixlora_scores_over_peft_lora": ratio(secs["mixlora_scores"], secs["peft_lora"]),
         "memory_mixlora_scores_over_peft_lora": ratio(mem["mixlora_scores"], mem["peft_lora"]),
+        "time_mixlora_packed_over_peft_lora": ratio(secs["mixlora_packed"], secs["peft_lora"]),
+        "memory_mixlora_packed_over_peft_lora": ratio(mem["mixlora_packed"], mem["peft_lora"]),
     }
 
 

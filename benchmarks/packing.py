@@ -2,11 +2,13 @@
 
     python benchmarks/packing.py --data suite/train.json --image-folder suite/images --model runs/suite-base
     python benchmarks/packing.py ... --replay-data suite/pretrain.json   # as configs/suite_lora.yaml mixes it
+    python benchmarks/packing.py ... --adapter mixlora --num-factors 16   # MixLoRA: each packed record routed alone
 
 The records (with `--replay-data`, 5 % of them replayed one question per record, as the suite's config does) are
 encoded in the given template and cut into random batches; each batch is collated twice, right-padded and packed
 into rows of at most `--max-length` tokens. One step = forward with labels + backward + AdamW step of PEFT LoRA
-(r, the output layer and the projector trained, as the suite's config). Each round times one padded and one packed
+(r, the output layer and the projector trained, as the suite's config), or of MixLoRA (E factors, r selected per
+record; packed rows carry the records' segment ids). Each round times one padded and one packed
 step on the same batch, in alternating order (AdamW at lr 0, so both see the same weights). Prints JSON: median
 step times, their ratio, the tokens per step each form computes, and the largest loss difference between them.
 """
@@ -25,6 +27,7 @@ import peft
 import torch
 
 from cmlora import vlm
+from cmlora.context import SEGMENT_IDS_KWARG
 from cmlora.data import InstructionCollator, InstructionDataset, load_records
 from cmlora.train import TrainConfig, build_adapter_model, replay_records
 
@@ -38,14 +41,17 @@ def main() -> None:
     parser.add_argument("--template", default="plain")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--adapter", choices=("lora", "mixlora"), default="lora")
     parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--num-factors", type=int, default=16, help="MixLoRA: factors per pool (E)")
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    config = TrainConfig(model=args.model, data=args.data, image_folder=args.image_folder, adapter="lora", r=args.r,
+    config = TrainConfig(model=args.model, data=args.data, image_folder=args.image_folder, adapter=args.adapter,
+                         r=args.r, num_factors=args.num_factors,
                          lora_dropout=0.0, train_output_head=True, replay_data=args.replay_data,
                          replay_fraction=0.05, replay_single_turns=True, seed=args.seed)
     model, processor = vlm.load(args.model)
@@ -59,8 +65,10 @@ def main() -> None:
     # lr 0: AdamW does all its work but leaves the weights, so the two forms of each batch see the same model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
     pad = processor.tokenizer.pad_token_id
+    segments = SEGMENT_IDS_KWARG if args.adapter == "mixlora" else None
     collate = {"padded": InstructionCollator(pad, task_ids_key=None),
-               "packed": InstructionCollator(pad, task_ids_key=None, pack_width=args.max_length)}
+               "packed": InstructionCollator(pad, task_ids_key=None, pack_width=args.max_length,
+                                             segment_ids_key=segments)}
 
     def step(batch: dict) -> tuple[float, float]:
         start = time.perf_counter()
@@ -85,7 +93,7 @@ def main() -> None:
         worst_loss_gap = max(worst_loss_gap, abs(losses["padded"] - losses["packed"]))
     median = {name: statistics.median(values) for name, values in times.items()}
     print(json.dumps({
-        "benchmark": "training step (forward + backward + AdamW), padded batches vs packed rows",
+        "benchmark": f"{args.adapter} training step (forward + backward + AdamW), padded batches vs packed rows",
         "environment": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "torch": torch.__version__, "peft": peft.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()},

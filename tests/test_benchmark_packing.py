@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from cmlora import vlm
 
 from .benchmark_helpers import benchmark_module
 from .synthetic_data import write_records
 
 
-def test_the_packing_benchmark_times_both_forms_of_the_same_batches(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("adapter", ["lora", "mixlora"])
+def test_the_packing_benchmark_times_both_forms_of_the_same_batches(tmp_path, monkeypatch, capsys, adapter):
     model = vlm.tiny(tmp_path / "tiny")
     data = write_records(tmp_path / "data", count=12)
     monkeypatch.setattr(sys, "argv", ["packing.py", "--data", str(data), "--image-folder", str(data.parent / "images"),
                                       "--model", str(model), "--batch-size", "4", "--batches", "2", "--warmup", "1",
-                                      "--r", "2"])
+                                      "--r", "2", "--adapter", adapter, "--num-factors", "4"])
     benchmark_module("packing").main()
     result = json.loads(capsys.readouterr().out)
     assert result["largest_loss_difference"] < 1e-5

@@ -301,10 +301,10 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(tiny, records
     assert abs(leaking_loss - loss) > 1e-3
 
 
-def test_packing_refuses_task_ids_and_per_token_inputs(tiny, records):
+def test_packing_refuses_task_ids_without_segment_ids_and_per_token_inputs(tiny, records):
     _, processor = tiny
     dataset = InstructionDataset(records, processor)
-    with pytest.raises(ValueError, match="task ids are per row"):
+    with pytest.raises(ValueError, match="task ids are per record: pass segment_ids_key"):
         InstructionCollator(0, pack_width=64)
     with pytest.raises(ValueError, match="pack_width must be positive"):
         InstructionCollator(0, task_ids_key=None, pack_width=0)

@@ -112,9 +112,21 @@ def test_pack_sequences_trains_lora_to_the_padded_runs_weights(workspace):
     assert load_config(runs[True] / "config.yaml").pack_sequences
 
 
-def test_pack_sequences_refuses_mixlora_and_models_it_does_not_support(workspace, monkeypatch):
-    with pytest.raises(ValueError, match="MixLoRA selects its factors per row"):
-        TrainConfig(adapter="mixlora", pack_sequences=True)
+def test_pack_sequences_trains_mixlora_to_the_padded_runs_weights(workspace):
+    runs = {pack: train(tiny_config(workspace, f"mixlora-pack-{pack}", adapter="mixlora", max_steps=3,
+                                    save_steps=100, template="plain", lora_dropout=0.0, pack_sequences=pack))
+            for pack in (False, True)}
+    padded, packed = (load_file(runs[pack] / "adapter" / "adapter_model.safetensors") for pack in (False, True))
+    assert padded.keys() == packed.keys()
+    key = next(k for k in padded if "mixlora_factors_b" in k)
+    assert padded[key].abs().sum() > 0  # trained (B starts at zero)
+    for name in padded:
+        torch.testing.assert_close(packed[name], padded[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_pack_sequences_refuses_reference_pooling_and_models_it_does_not_support(workspace, monkeypatch):
+    with pytest.raises(ValueError, match="pooling 'reference' averages a padded row"):
+        TrainConfig(adapter="mixlora", pooling="reference", pack_sequences=True)
     monkeypatch.setattr("cmlora.train.PACKABLE_MODEL_TYPES", ("qwen2_vl",))
     with pytest.raises(ValueError, match=r"is a 'llava' model; packed rows are supported for \['qwen2_vl'\]"):
         train(tiny_config(workspace, "lora-pack-refused", adapter="lora", pack_sequences=True))

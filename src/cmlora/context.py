@@ -1,4 +1,5 @@
-"""What one model call tells every MixLoRA layer: pooling masks, task ids, whether it continues a KV cache.
+"""What one model call tells every MixLoRA layer: pooling masks, task ids, packed records, whether it continues a
+KV cache.
 
 The tuner registers a forward pre-hook on the wrapped model; the hook fills a `RoutingContext` that all adapted
 layers of that model share. Layers therefore never need per-layer wiring, and the same path serves
@@ -27,6 +28,10 @@ IGNORE_INDEX = -100
 # The keyword that carries task ids (routing='task') in model calls and generate. Not `task_ids`: PEFT's
 # PeftModelForCausalLM.forward consumes an argument of that name for its own methods and drops it.
 TASK_IDS_KWARG = "mixlora_task_ids"
+# The keyword that marks packed rows (several records per row): LongTensor [rows, width], the record (instance) each
+# position belongs to, numbered 0..N-1 in the batch's record order, -1 on padding. Each record is routed as one
+# instance, as it would be in its own padded row (`PackedSegments`).
+SEGMENT_IDS_KWARG = "mixlora_segment_ids"
 
 
 def is_continuing_cache(past_key_values: object) -> bool:
@@ -74,6 +79,69 @@ def routing_mask(
     return prompt
 
 
+class PackedSegments:
+    """The records of a packed call: which instance each position of the [rows, width] input belongs to.
+
+    A MixLoRA layer whose input lines up with the rows pools each record over its own positions (`pool`), selects
+    factors per record, and applies each record's factors to its positions alone (`Linear._add_packed_update`), so a
+    packed batch routes and computes as its records would in a padded batch of one record per row.
+    """
+
+    def __init__(self, segment_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
+        segment_ids = torch.as_tensor(segment_ids)
+        if segment_ids.dim() != 2 or segment_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{SEGMENT_IDS_KWARG} must be an integer tensor [rows, width], got "
+                             f"{segment_ids.dtype} of shape {tuple(segment_ids.shape)}")
+        if labels is not None and labels.shape != segment_ids.shape:
+            raise ValueError(f"{SEGMENT_IDS_KWARG} of shape {tuple(segment_ids.shape)} does not match labels of shape "
+                             f"{tuple(labels.shape)}")
+        flat = segment_ids.reshape(-1).long()
+        if bool((flat < -1).any()):
+            raise ValueError(f"{SEGMENT_IDS_KWARG} holds {int(flat.min())}; ids are 0..N-1, and -1 marks padding")
+        self.shape = tuple(segment_ids.shape)
+        self.valid = flat >= 0  # [T]
+        self.count = int(flat.max()) + 1 if bool(self.valid.any()) else 0
+        present = torch.zeros(self.count, dtype=torch.bool, device=flat.device)
+        present[flat[self.valid]] = True
+        if not bool(present.all()):
+            missing = torch.nonzero(~present).view(-1)[:5].tolist()
+            raise ValueError(f"{SEGMENT_IDS_KWARG}: records {missing} have no position; ids must be 0..N-1, each used")
+        # [T]; a padding tail points at record 0 (its output reaches no loss), and `valid` keeps it out of pooling
+        self.token_instance = flat.clamp(min=0)
+        self.labels = None if labels is None else labels.reshape(-1)
+        self._weights: dict[str, torch.Tensor] = {}
+
+    def pooling_weights(self, pooling: str) -> torch.Tensor:
+        """[N, T] float32: row n averages record n's positions that `pooling` selects (as `routing_mask` does for a
+        row of its own: 'prompt' its unlabelled positions, falling back to all of them; 'all' every position)."""
+        if pooling not in self._weights:
+            if pooling == "reference":
+                raise ValueError("pooling='reference' averages a padded row, padding included, which packed rows do "
+                                 "not have; use pooling 'prompt' or 'all', or unpacked batches")
+            chosen = self.valid
+            if pooling == "prompt" and self.labels is not None:
+                prompt = self.valid & (self.labels == IGNORE_INDEX)
+                per_record = torch.zeros(self.count, dtype=torch.long, device=prompt.device)
+                per_record.index_add_(0, self.token_instance[prompt], torch.ones_like(self.token_instance[prompt]))
+                empty = per_record == 0
+                if bool(empty.any()):
+                    warnings.warn(
+                        f"{int(empty.sum())} instance(s) have no prompt position (every token labelled); MixLoRA pools "
+                        "them over all their positions instead. Label prompt tokens -100 to route on the prompt.",
+                        stacklevel=3,
+                    )
+                chosen = prompt | (self.valid & empty[self.token_instance])
+            weights = torch.zeros(self.count, chosen.numel(), device=chosen.device)
+            weights[self.token_instance[chosen], torch.nonzero(chosen).view(-1)] = 1.0
+            self._weights[pooling] = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
+        return self._weights[pooling]
+
+    def pool(self, seq: torch.Tensor, pooling: str) -> torch.Tensor:
+        """Each record's mean of seq [rows, width, d] over its pooled positions: [N, d]."""
+        weights = self.pooling_weights(pooling)
+        return weights.to(seq.dtype) @ seq.reshape(-1, seq.shape[-1])
+
+
 @dataclass
 class RoutingRecord:
     """Selections of one adapted layer (one adapter) for one model call."""
@@ -109,6 +177,7 @@ class RoutingContext:
         self.attention_mask: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.task_ids: torch.Tensor | None = None
+        self.segments: PackedSegments | None = None
         self.continuing = False
         self._masks: dict[str, torch.Tensor | None] = {}
         self._selections: dict[tuple[str, str], Selection] = {}
@@ -123,15 +192,20 @@ class RoutingContext:
         labels: torch.Tensor | None,
         task_ids: torch.Tensor | None,
         past_key_values: object,
+        segment_ids: torch.Tensor | None = None,
     ) -> None:
         self.call_id += 1
         self.continuing = is_continuing_cache(past_key_values)
+        if segment_ids is not None and (self.continuing or attention_mask is not None):
+            raise ValueError(f"{SEGMENT_IDS_KWARG} marks packed rows, which take no attention_mask and no KV cache "
+                             "(transformers keeps attention within a record through restarting position_ids)")
         self._masks = {}
         self.aux_losses = {}
         if self.continuing:
             return  # masks, task ids and selections of the prefill stay in force
         self.attention_mask = attention_mask
         self.labels = labels
+        self.segments = None if segment_ids is None else PackedSegments(segment_ids, labels)
         if task_ids is None:
             task_ids = self._generation_task_ids
         self.task_ids = None if task_ids is None else torch.as_tensor(task_ids).long().view(-1)
@@ -169,6 +243,12 @@ class RoutingContext:
         if mask is None or tuple(mask.shape) != (batch, seq_len):
             return None
         return mask
+
+    def packed_segments(self, batch: int, seq_len: int) -> PackedSegments | None:
+        """The call's packed records when a layer input of shape [batch, seq_len, d] lines up with its rows."""
+        if self.segments is None or self.segments.shape != (batch, seq_len):
+            return None
+        return self.segments
 
     def cached_selection(self, layer: str, adapter: str, batch: int) -> Selection | None:
         """The prefill's selection when this call continues a KV cache, else None."""

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import MixLoraConfig
-from .context import RoutingContext
+from .context import PackedSegments, RoutingContext
 from .routing import Selection, load_balancing_loss, pool, route
 
 MERGE_ERROR = (
@@ -183,7 +183,11 @@ class Linear(nn.Module, MixLoraLayer):
         # shape (batch, features) is a batch of one-position sequences.
         seq = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 2 else x.view(1, 1, -1)
         batch, seq_len, _ = seq.shape
-        selection = self._select(seq, adapter, settings)
+        context = self.mixlora_context
+        segments = None if context is None else context.packed_segments(batch, seq_len)
+        selection = self._select(seq, adapter, settings, segments)
+        if segments is not None:
+            return self._add_packed_update(result, seq, selection, adapter, settings, segments)
         r = settings.r
         # index_select, not advanced indexing: its backward is one index_add instead of a sort-based index_put.
         a_x = factors_a.index_select(0, selection.index_a.reshape(-1)).view(batch, r, self.in_features)
@@ -200,20 +204,56 @@ class Linear(nn.Module, MixLoraLayer):
             return torch.baddbmm(flat, hidden, b_x).view(result.shape)
         return result + torch.bmm(hidden, b_x).view(result.shape).to(result.dtype)
 
-    def _select(self, seq: torch.Tensor, adapter: str, settings: AdapterSettings) -> Selection:
+    def _add_packed_update(self, result: torch.Tensor, seq: torch.Tensor, selection: Selection, adapter: str,
+                           settings: AdapterSettings, segments: PackedSegments) -> torch.Tensor:
+        """result + s * B_n A_n x for each position x of packed rows, with (A_n, B_n) the factors of its record n.
+
+        Records share rows, so no per-instance matmul applies. Every factor of the pool is applied instead, as a
+        rank-E LoRA: x @ A^T gives all E coefficients [T, E]; each position keeps its record's r (a gather), scaled,
+        and they are scattered to the columns of the record's B factors, so that one [T, E] @ [E, d_out] matmul adds
+        the update. The same sums as the padded path's, at E/r times its adapter FLOPs (still a small share of the
+        base layer's when d >> E), and gradients reach only the selected factors, as there.
+        """
+        factors_a = self.mixlora_factors_a[adapter]
+        factors_b = self.mixlora_factors_b[adapter]
+        flat = seq.reshape(-1, self.in_features)
+        # A row's padding tail takes record 0's factors: it is an attention block of its own, never labelled, so its
+        # output reaches no loss (the padded path updates its padding too).
+        instance = segments.token_instance.to(flat.device)
+        all_coefficients = self.mixlora_dropout[adapter](flat) @ factors_a.t()  # [T, E]
+        hidden = all_coefficients.gather(1, selection.index_a.index_select(0, instance))  # [T, r]
+        if selection.coef is not None:
+            hidden = hidden * (settings.scaling * selection.coef.to(hidden.dtype).index_select(0, instance))
+        else:
+            hidden = hidden * settings.scaling
+        spread = hidden.new_zeros(hidden.shape[0], settings.num_factors)
+        spread = spread.scatter_add(1, selection.index_b.index_select(0, instance), hidden)  # [T, E]
+        if result.dtype == hidden.dtype:
+            return torch.addmm(result.reshape(-1, self.out_features), spread, factors_b).view(result.shape)
+        return result + (spread @ factors_b).view(result.shape).to(result.dtype)
+
+    def _select(self, seq: torch.Tensor, adapter: str, settings: AdapterSettings,
+                segments: PackedSegments | None = None) -> Selection:
+        """The factors of each instance: each row of seq, or with `segments` each packed record."""
         context = self.mixlora_context
         batch, seq_len, _ = seq.shape
+        instances = batch if segments is None else segments.count
         if context is not None:
-            cached = context.cached_selection(self.mixlora_layer_name, adapter, batch)
+            cached = context.cached_selection(self.mixlora_layer_name, adapter, instances)
             if cached is not None:
                 return cached
-        mask = None if context is None else context.pooling_mask(settings.pooling, batch, seq_len)
         router = self.mixlora_router[adapter] if adapter in self.mixlora_router else None
         # With router_grad='none' selection is index-only: no graph is needed, and none is built.
         grad_mode = torch.enable_grad() if settings.router_grad != "none" else torch.no_grad()
         with grad_mode:
+            if settings.routing in ("random", "task"):
+                pooled = None
+            elif segments is not None:
+                pooled = segments.pool(seq, settings.pooling)
+            else:
+                pooled = pool(seq, None if context is None else context.pooling_mask(settings.pooling, batch, seq_len))
             selection = route(
-                None if settings.routing in ("random", "task") else pool(seq, mask),
+                pooled,
                 r=settings.r,
                 num_factors=settings.num_factors,
                 routing=settings.routing,
@@ -224,9 +264,9 @@ class Linear(nn.Module, MixLoraLayer):
                 cfs=settings.cfs,
                 cfs_weight=settings.cfs_weight,
                 task_logits=router.get("task_logits") if router else None,
-                task_ids=None if context is None else context.task_ids_for(batch, seq.device),
+                task_ids=None if context is None else context.task_ids_for(instances, seq.device),
                 noise_std=settings.router_noise if self.training else 0.0,
-                batch=batch,
+                batch=instances,
                 device=seq.device,
             )
         if context is not None:

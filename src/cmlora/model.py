@@ -15,7 +15,7 @@ from torch import nn
 
 from ._peft_registration import PREFIX
 from .config import MixLoraConfig
-from .context import TASK_IDS_KWARG, RoutingContext, RoutingTrace
+from .context import SEGMENT_IDS_KWARG, TASK_IDS_KWARG, RoutingContext, RoutingTrace
 from .layer import MERGE_ERROR, Linear, MixLoraLayer
 
 _PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,9 +51,9 @@ class MixLoraModel(BaseTuner):
     """Creates a MixLoRA model from a transformers (or any torch) model; use it through `peft.get_peft_model`.
 
     Besides injecting layers, it registers a forward pre-hook on the wrapped model that hands each call's
-    `attention_mask`, `labels`, KV cache (`call_cache`) and `mixlora_task_ids` (popped, so the model never sees
-    it) to the layers, and a forward hook that adds the router load-balancing loss to the output's loss when
-    configured.
+    `attention_mask`, `labels`, KV cache (`call_cache`), `mixlora_task_ids` and `mixlora_segment_ids` (packed rows;
+    both popped, so the model never sees them) to the layers, and a forward hook that adds the router
+    load-balancing loss to the output's loss when configured.
     """
 
     prefix: str = PREFIX
@@ -116,6 +116,7 @@ class MixLoraModel(BaseTuner):
 
         def before_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             task_ids = kwargs.pop(TASK_IDS_KWARG, None)
+            segment_ids = kwargs.pop(SEGMENT_IDS_KWARG, None)
             try:
                 bound = dict(signature.bind_partial(*args, **kwargs).arguments)
                 bound = {**bound.pop(var_keyword, {}), **bound}  # a name the signature takes through **kwargs
@@ -126,6 +127,7 @@ class MixLoraModel(BaseTuner):
                 labels=bound.get("labels"),
                 task_ids=task_ids,
                 past_key_values=call_cache(bound),
+                segment_ids=segment_ids,
             )
             return args, kwargs
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from . import vlm
 from .config import MixLoraConfig
+from .context import SEGMENT_IDS_KWARG, TASK_IDS_KWARG
 from .layer import MixLoraLayer
 
 ADAPTERS = ("mixlora", "lora", "full")
@@ -72,8 +73,8 @@ class TrainConfig:
     pack_sequences: bool = field(default=False, metadata={
         "help": "Pack each batch's records into rows of up to max_length tokens, attention kept within each record "
                 "(position ids restart per record): the padded batch's loss and gradients for fewer tokens computed, "
-                "where lengths vary. LLaVA models; lora and full adapters (MixLoRA routes each row as one "
-                "instance)."})
+                "where lengths vary. LLaVA models; every adapter (MixLoRA routes each packed record as one instance; "
+                "not with pooling 'reference')."})
     # adapter
     r: int = field(default=4, metadata={"help": "Rank (LoRA) / factors selected per instance (MixLoRA)."})
     num_factors: int = field(default=16, metadata={"help": "MixLoRA: factors per pool (E)."})
@@ -125,9 +126,10 @@ class TrainConfig:
         if isinstance(self.replay_data, list) and not (self.replay_data and all(
                 isinstance(path, str) for path in self.replay_data)):
             raise ValueError(f"replay_data must be a file or a non-empty list of files, got {self.replay_data!r}")
-        if self.pack_sequences and self.adapter == "mixlora":
-            raise ValueError("pack_sequences puts several records in one row, and MixLoRA selects its factors per row "
-                             "(one instance each); use adapter lora or full, or pack_sequences: false")
+        if self.pack_sequences and self.adapter == "mixlora" and self.pooling == "reference":
+            raise ValueError("pack_sequences with MixLoRA pools each packed record over its own positions; "
+                             "pooling 'reference' averages a padded row, padding included. Use pooling 'prompt' or "
+                             "'all', or pack_sequences: false")
         if self.lora_plus_ratio is not None:
             if not self.lora_plus_ratio > 0:
                 raise ValueError(f"lora_plus_ratio must be > 0, got {self.lora_plus_ratio}")
@@ -396,8 +398,10 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
         prepare_for_zero3(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = InstructionCollator(pad_id, task_ids_key="mixlora_task_ids" if config.adapter == "mixlora" else None,
-                                   pack_width=config.max_length if config.pack_sequences else None)
+    mixlora = config.adapter == "mixlora"
+    collator = InstructionCollator(pad_id, task_ids_key=TASK_IDS_KWARG if mixlora else None,
+                                   pack_width=config.max_length if config.pack_sequences else None,
+                                   segment_ids_key=SEGMENT_IDS_KWARG if mixlora and config.pack_sequences else None)
     trainer = _trainer_class(config.lora_plus_ratio)(
         model=model, args=_training_arguments(config, run_dir), train_dataset=dataset, data_collator=collator,
         callbacks=callbacks, processing_class=processor)

@@ -1,9 +1,9 @@
 """Batching dataset items for `model(**batch)`: right padding, attention mask, the processor's extra inputs, task ids;
 or packed rows (several records per row, no padding between them).
 
-The batch holds only what the model's forward accepts (plus the MixLoRA task-id key, which the MixLoRA model
-reads for task-conditioned routing and analysis): HF Trainer passes the whole dict to `model(**batch)`, so record
-ids and task names stay out.
+The batch holds only what the model's forward accepts (plus the MixLoRA task-id and segment-id keys, which the
+MixLoRA model reads for task-conditioned routing and for packed rows): HF Trainer passes the whole dict to
+`model(**batch)`, so record ids and task names stay out.
 """
 
 from __future__ import annotations
@@ -47,20 +47,27 @@ class InstructionCollator:
     The tail of a row is padding with position ids of its own (a block that attends to itself, never labelled).
     Images follow the items in the order their image tokens appear, row by row. Packing serves models whose forward
     takes one position per token (LLaVA); per-token processor inputs (Qwen2-VL's mm_token_type_ids, whose M-RoPE
-    positions are 3-D) and per-row task ids (MixLoRA routes each row as one instance) are refused.
+    positions are 3-D) are refused. For MixLoRA, `segment_ids_key` adds the record of each position ([rows, width],
+    the items' indices, -1 on padding), so that it routes each record as one instance; task ids then stay one per
+    item, in item order. Without segment ids, task ids with packing are refused (they would be per row).
     """
 
     def __init__(self, pad_token_id: int, *, task_ids_key: str | None = "mixlora_task_ids",
-                 pad_to_multiple_of: int | None = None, pack_width: int | None = None) -> None:
+                 pad_to_multiple_of: int | None = None, pack_width: int | None = None,
+                 segment_ids_key: str | None = None) -> None:
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
         if pack_width is not None and pack_width < 1:
             raise ValueError(f"pack_width must be positive, got {pack_width}")
-        if pack_width is not None and task_ids_key is not None:
-            raise ValueError("pack_width packs several records into one row, but task ids are per row (MixLoRA "
-                             "routes each row as one instance); pass task_ids_key=None to pack")
+        if segment_ids_key is not None and pack_width is None:
+            raise ValueError("segment_ids_key marks the records of packed rows; it needs pack_width")
+        if pack_width is not None and task_ids_key is not None and segment_ids_key is None:
+            raise ValueError("pack_width packs several records into one row, and task ids are per record: pass "
+                             "segment_ids_key (MixLoRA's 'mixlora_segment_ids') so that the model can tell the records "
+                             "apart, or task_ids_key=None")
         self.pad_token_id = pad_token_id
         self.task_ids_key = task_ids_key
+        self.segment_ids_key = segment_ids_key
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pack_width = pack_width
 
@@ -108,6 +115,7 @@ class InstructionCollator:
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
         for row, members in enumerate(rows):
             start = 0
             for index in members:
@@ -115,6 +123,7 @@ class InstructionCollator:
                 input_ids[row, start:start + length] = torch.as_tensor(items[index]["input_ids"])
                 labels[row, start:start + length] = torch.as_tensor(items[index]["labels"])
                 position_ids[row, start:start + length] = torch.arange(length)
+                segment_ids[row, start:start + length] = index
                 start += length
             position_ids[row, start:] = torch.arange(width - start)
         batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
@@ -122,6 +131,10 @@ class InstructionCollator:
         in_order = [items[index] for row in rows for index in row]  # the order of the image tokens
         for key in image_keys:
             batch[key] = _concatenate_per_image(in_order, key)
+        if self.segment_ids_key is not None:
+            batch[self.segment_ids_key] = segment_ids
+        if self.task_ids_key is not None:
+            batch[self.task_ids_key] = torch.tensor([int(item["task_id"]) for item in items], dtype=torch.long)
         return batch
 
 
