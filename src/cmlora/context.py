@@ -47,6 +47,14 @@ def is_continuing_cache(past_key_values: object) -> bool:
     return int(get_seq_length()) > 0
 
 
+def _warn_no_prompt(count: int) -> None:
+    warnings.warn(
+        f"{count} instance(s) have no prompt position (every token labelled); MixLoRA pools them over all their "
+        "non-padding positions instead. Label prompt tokens -100 to route on the prompt.",
+        stacklevel=3,
+    )
+
+
 def routing_mask(
     attention_mask: torch.Tensor | None, labels: torch.Tensor | None, pooling: str
 ) -> torch.Tensor | None:
@@ -70,11 +78,7 @@ def routing_mask(
     prompt = valid & (labels == IGNORE_INDEX)
     empty = ~prompt.any(dim=1)
     if bool(empty.any()):
-        warnings.warn(
-            f"{int(empty.sum())} instance(s) have no prompt position (every token labelled); MixLoRA pools them "
-            "over all their non-padding positions instead. Label prompt tokens -100 to route on the prompt.",
-            stacklevel=2,
-        )
+        _warn_no_prompt(int(empty.sum()))
         prompt = torch.where(empty.unsqueeze(1), valid, prompt)
     return prompt
 
@@ -109,37 +113,40 @@ class PackedSegments:
         # [T]; a padding tail points at record 0 (its output reaches no loss), and `valid` keeps it out of pooling
         self.token_instance = flat.clamp(min=0)
         self.labels = None if labels is None else labels.reshape(-1)
-        self._weights: dict[str, torch.Tensor] = {}
+        self._weights: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # by (pooling, dtype)
 
-    def pooling_weights(self, pooling: str) -> torch.Tensor:
-        """[N, T] float32: row n averages record n's positions that `pooling` selects (as `routing_mask` does for a
-        row of its own: 'prompt' its unlabelled positions, falling back to all of them; 'all' every position)."""
-        if pooling not in self._weights:
-            if pooling == "reference":
-                raise ValueError("pooling='reference' averages a padded row, padding included, which packed rows do "
-                                 "not have; use pooling 'prompt' or 'all', or unpacked batches")
-            chosen = self.valid
-            if pooling == "prompt" and self.labels is not None:
-                prompt = self.valid & (self.labels == IGNORE_INDEX)
-                per_record = torch.zeros(self.count, dtype=torch.long, device=prompt.device)
-                per_record.index_add_(0, self.token_instance[prompt], torch.ones_like(self.token_instance[prompt]))
-                empty = per_record == 0
-                if bool(empty.any()):
-                    warnings.warn(
-                        f"{int(empty.sum())} instance(s) have no prompt position (every token labelled); MixLoRA pools "
-                        "them over all their positions instead. Label prompt tokens -100 to route on the prompt.",
-                        stacklevel=3,
-                    )
-                chosen = prompt | (self.valid & empty[self.token_instance])
-            weights = torch.zeros(self.count, chosen.numel(), device=chosen.device)
-            weights[self.token_instance[chosen], torch.nonzero(chosen).view(-1)] = 1.0
-            self._weights[pooling] = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
-        return self._weights[pooling]
+    def pooling_weights(self, pooling: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[N, T] in `dtype`: row n averages record n's positions that `pooling` selects (as `routing_mask` does for
+        a row of its own: 'prompt' its unlabelled positions, falling back to all of them; 'all' every position).
+        Built once per call and dtype: every adapted layer of the call pools with the same weights."""
+        key = (pooling, dtype)
+        if key not in self._weights:
+            full = self._weights.get((pooling, torch.float32))
+            if full is None:
+                full = self._weights[(pooling, torch.float32)] = self._average_weights(pooling)
+            self._weights[key] = full.to(dtype)
+        return self._weights[key]
+
+    def _average_weights(self, pooling: str) -> torch.Tensor:
+        if pooling == "reference":
+            raise ValueError("pooling='reference' averages a padded row, padding included, which packed rows do "
+                             "not have; use pooling 'prompt' or 'all', or unpacked batches")
+        chosen = self.valid
+        if pooling == "prompt" and self.labels is not None:
+            prompt = self.valid & (self.labels == IGNORE_INDEX)
+            per_record = torch.zeros(self.count, dtype=torch.long, device=prompt.device)
+            per_record.index_add_(0, self.token_instance[prompt], torch.ones_like(self.token_instance[prompt]))
+            empty = per_record == 0
+            if bool(empty.any()):
+                _warn_no_prompt(int(empty.sum()))
+            chosen = prompt | (self.valid & empty[self.token_instance])
+        weights = torch.zeros(self.count, chosen.numel(), device=chosen.device)
+        weights[self.token_instance[chosen], torch.nonzero(chosen).view(-1)] = 1.0
+        return weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
 
     def pool(self, seq: torch.Tensor, pooling: str) -> torch.Tensor:
         """Each record's mean of seq [rows, width, d] over its pooled positions: [N, d]."""
-        weights = self.pooling_weights(pooling)
-        return weights.to(seq.dtype) @ seq.reshape(-1, seq.shape[-1])
+        return self.pooling_weights(pooling, seq.dtype) @ seq.reshape(-1, seq.shape[-1])
 
 
 @dataclass
