@@ -3,6 +3,7 @@
     python benchmarks/packing.py --data suite/train.json --image-folder suite/images --model runs/suite-base
     python benchmarks/packing.py ... --replay-data suite/pretrain.json   # as configs/suite_lora.yaml mixes it
     python benchmarks/packing.py ... --adapter mixlora --num-factors 16   # MixLoRA: each packed record routed alone
+    python benchmarks/packing.py ... --model QWEN2_VL_FOLDER --template chat   # Qwen2-VL: M-RoPE positions per record
 
 The records (with `--replay-data`, 5 % of them replayed one question per record, as the suite's config does) are
 encoded in the given template and cut into random batches; each batch is collated twice, right-padded and packed
@@ -10,7 +11,9 @@ into rows of at most `--max-length` tokens. One step = forward with labels + bac
 (r, the output layer and the projector trained, as the suite's config), or of MixLoRA (E factors, r selected per
 record; packed rows carry the records' segment ids). Each round times one padded and one packed
 step on the same batch, in alternating order (AdamW at lr 0, so both see the same weights). Prints JSON: median
-step times, their ratio, the tokens per step each form computes, and the largest loss difference between them.
+step times, their ratio, the tokens per step each form computes, and the largest loss difference between them; and
+the collator's median time per batch in each form (Qwen2-VL's packed rows compute each record's M-RoPE positions
+there), with the ratio of step + collation.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def main() -> None:
     segments = SEGMENT_IDS_KWARG if args.adapter == "mixlora" else None
     collate = {"padded": InstructionCollator(pad, task_ids_key=None),
                "packed": InstructionCollator(pad, task_ids_key=None, pack_width=args.max_length,
-                                             segment_ids_key=segments)}
+                                             segment_ids_key=segments, rope_index=vlm.packed_rope_index(model))}
 
     def step(batch: dict) -> tuple[float, float]:
         start = time.perf_counter()
@@ -80,10 +83,16 @@ def main() -> None:
 
     times: dict[str, list[float]] = {name: [] for name in collate}
     tokens: dict[str, list[int]] = {name: [] for name in collate}
+    collation: dict[str, list[float]] = {name: [] for name in collate}
     worst_loss_gap = 0.0
     for index in range(args.warmup + args.batches):
         items = [dataset[i] for i in range(index * args.batch_size, (index + 1) * args.batch_size)]
-        batches = {name: fn(items) for name, fn in collate.items()}
+        batches = {}
+        for name, fn in collate.items():
+            start = time.perf_counter()
+            batches[name] = fn(items)
+            if index >= args.warmup:
+                collation[name].append(time.perf_counter() - start)
         losses = {}
         for name in collate if index % 2 == 0 else list(collate)[::-1]:
             elapsed, losses[name] = step(batches[name])
@@ -92,6 +101,7 @@ def main() -> None:
                 tokens[name].append(batches[name]["input_ids"].numel())
         worst_loss_gap = max(worst_loss_gap, abs(losses["padded"] - losses["packed"]))
     median = {name: statistics.median(values) for name, values in times.items()}
+    median_collation = {name: statistics.median(values) for name, values in collation.items()}
     print(json.dumps({
         "benchmark": f"{args.adapter} training step (forward + backward + AdamW), padded batches vs packed rows",
         "environment": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -101,6 +111,9 @@ def main() -> None:
         "median_step_s": {name: round(value, 5) for name, value in median.items()},
         "tokens_per_step": {name: round(statistics.mean(values), 1) for name, values in tokens.items()},
         "padded_over_packed_step_time": round(median["padded"] / median["packed"], 3),
+        "median_collate_s": {name: round(value, 5) for name, value in median_collation.items()},
+        "padded_over_packed_step_and_collate_time": round(
+            (median["padded"] + median_collation["padded"]) / (median["packed"] + median_collation["packed"]), 3),
         "largest_loss_difference": worst_loss_gap,
     }, indent=2))
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 
@@ -54,3 +55,28 @@ def mixed_records(folder: Path) -> list:
             vf_record("r2", "b.png", "shape", ("<image>\nShape?", "square"))]
     loaded, _ = load_records(write_jsonl(folder / "train.jsonl", rows))
     return loaded
+
+
+def losses_and_gradients(model, batches: dict[str, dict]) -> dict[str, tuple]:
+    """Each batch's training loss and the gradients it gives the model's parameters (in parameter order), the model
+    in train mode for the passes and back in eval mode, its gradients cleared, after."""
+    results = {}
+    model.train()
+    try:
+        for name, batch in batches.items():
+            model.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            results[name] = loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    finally:
+        model.zero_grad()
+        model.eval()
+    return results
+
+
+def assert_same_loss_and_gradients(result, expected) -> None:
+    (loss, gradients), (expected_loss, expected_gradients) = result, expected
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    assert len(gradients) == len(expected_gradients) > 0
+    for gradient, expected_gradient in zip(gradients, expected_gradients, strict=True):
+        torch.testing.assert_close(gradient, expected_gradient, atol=1e-5, rtol=1e-4)

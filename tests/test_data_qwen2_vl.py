@@ -1,18 +1,29 @@
 """The data pipeline beyond LLaVA: Qwen2-VL items and batches (mm_token_type_ids, image_grid_thw, patch-flattened
-pixel_values), LLaVA-NeXT's image_sizes and padded patches, and training a tiny Qwen2-VL end to end."""
+pixel_values), packed Qwen2-VL rows (M-RoPE positions per record), LLaVA-NeXT's image_sizes and padded patches, and
+training a tiny Qwen2-VL end to end."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import cmlora
 from cmlora import vlm
 from cmlora.data import TEMPLATES, InstructionCollator, InstructionDataset, Turn, load_records
+from cmlora.data.collator import pack_rows
 from cmlora.train import TrainConfig, load_run, resolve_template, train
 
-from .data_helpers import mixed_records, save_image, text_record, vf_record, write_jsonl
+from .data_helpers import (
+    assert_same_loss_and_gradients,
+    losses_and_gradients,
+    mixed_records,
+    save_image,
+    text_record,
+    vf_record,
+    write_jsonl,
+)
 from .synthetic_data import write_records
 from .test_data_dataset import labelled_runs
 
@@ -113,6 +124,79 @@ def test_text_only_qwen2_vl_batch_has_no_image_inputs(qwen, records):
     assert not batch["mm_token_type_ids"].any()
 
 
+# ----------------------------------------------------------------- Qwen2-VL: packed rows
+def packed_qwen_items(dataset):
+    return [dataset[0], dataset[1], dataset[2], dataset[2], dataset[1], dataset[0]]  # image, text only, image
+
+
+def pack_qwen(model, items, width):
+    return InstructionCollator(0, task_ids_key=None, pack_width=width, rope_index=vlm.packed_rope_index(model))(items)
+
+
+def test_a_packed_qwen2_vl_batch_gives_each_item_its_own_mrope_positions_after_the_text_positions(qwen, records):
+    model, processor = qwen
+    items = packed_qwen_items(InstructionDataset(records, processor))
+    lengths = [len(item["input_ids"]) for item in items]
+    width = max(lengths) + min(lengths)
+    batch = pack_qwen(model, items, width)
+    rows = pack_rows(lengths, width)
+    assert len(rows) < len(items)
+    assert set(batch) == {"input_ids", "labels", "position_ids", "mm_token_type_ids", "pixel_values",
+                          "image_grid_thw", "use_cache"}
+    assert batch["position_ids"].shape == (4, len(rows), batch["input_ids"].shape[1])
+    grids, images_3d = [], 0
+    for row, members in enumerate(rows):
+        start = 0
+        for index in members:
+            item, span = items[index], slice(start, start + lengths[index])
+            assert torch.equal(batch["input_ids"][row, span], item["input_ids"])
+            assert torch.equal(batch["mm_token_type_ids"][row, span], item["mm_token_type_ids"])
+            assert batch["position_ids"][0, row, span].tolist() == list(range(lengths[index]))  # the boundaries
+            # the positions the model gives the item alone, in an unpacked batch of one
+            alone, _ = model.model.get_rope_index(item["input_ids"][None], item["mm_token_type_ids"][None],
+                                                  image_grid_thw=item.get("image_grid_thw"))
+            assert torch.equal(batch["position_ids"][1:, row, span], alone[:, 0])
+            if "image_grid_thw" in item:
+                grids.append(item["image_grid_thw"])
+                # 3-D: the image's tokens share a temporal position and differ in height and width
+                images_3d += not torch.equal(alone[:, 0], torch.arange(lengths[index]).expand(3, -1))
+            start += lengths[index]
+        tail = batch["input_ids"].shape[1] - start
+        assert (batch["position_ids"][:, row, start:] == torch.arange(tail)).all()  # padding: a block of its own
+        assert not batch["mm_token_type_ids"][row, start:].any() and (batch["labels"][row, start:] == -100).all()
+    assert images_3d == len(grids) == 4
+    assert torch.equal(batch["image_grid_thw"], torch.cat(grids))  # the order the image tokens appear in
+
+
+def test_a_packed_qwen2_vl_batch_gives_the_padded_batchs_loss_and_gradients(qwen, records):
+    model, processor = qwen
+    items = packed_qwen_items(InstructionDataset(records, processor))
+    padded = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None)(items)
+    packed = pack_qwen(model, items, max(len(item["input_ids"]) for item in items) * 3)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+
+    # Without the text positions transformers sees one sequence per row: the items attend to each other.
+    results = losses_and_gradients(model, {"padded": padded, "packed": packed,
+                                           "leaking": {**packed, "position_ids": packed["position_ids"][1:]}})
+    assert_same_loss_and_gradients(results["packed"], results["padded"])
+    assert abs(results["leaking"][0] - results["padded"][0]) > 1e-4
+
+
+def test_packed_rope_index_is_for_qwen2_vl_and_checked_by_the_collator(qwen, records, tmp_path):
+    model, processor = qwen
+    llava, _ = vlm.load(vlm.tiny(tmp_path / "llava"))
+    assert vlm.packed_rope_index(llava) is None  # one position per token: the collator's restarting positions
+    item = InstructionDataset(records, processor)[0]
+    with pytest.raises(ValueError, match="rope_index gives the positions of each record of a packed row"):
+        InstructionCollator(0, task_ids_key=None, rope_index=vlm.packed_rope_index(model))
+    with pytest.raises(ValueError, match=r"per-token inputs \['mm_token_type_ids'\].*pass rope_index"):
+        InstructionCollator(0, task_ids_key=None, pack_width=256)([item])
+    flat = InstructionCollator(0, task_ids_key=None, pack_width=256,
+                               rope_index=lambda ids, types, grid: torch.arange(len(ids))[None])
+    with pytest.raises(ValueError, match=r"rope_index gave positions of shape \(1, \d+\), not \(3, \d+\)"):
+        flat([item])
+
+
 # ----------------------------------------------------------------- LLaVA-NeXT: image_sizes, padded patches
 def tiny_llava_next():
     from transformers import (
@@ -195,3 +279,17 @@ def test_train_a_tiny_qwen2_vl_then_load_and_generate(qwen_dir, tmp_path, capsys
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 1 and 0 < out.shape[1] - inputs["input_ids"].shape[1] <= 3
+
+
+@pytest.mark.parametrize("adapter", ["lora", "mixlora"])
+def test_pack_sequences_trains_a_tiny_qwen2_vl_to_the_padded_runs_weights(qwen_dir, tmp_path, adapter):
+    data = write_records(tmp_path / "data", count=8)
+    runs = {pack: train(TrainConfig(
+        model=str(qwen_dir), data=str(data), image_folder=str(data.parent / "images"),
+        output_dir=str(tmp_path / f"run-{pack}"), adapter=adapter, template="chat", max_length=256, num_factors=8,
+        r=2, lora_dropout=0.0, learning_rate=1e-3, batch_size=4, max_steps=3, logging_steps=1, save_steps=100,
+        use_cpu=True, seed=3, pack_sequences=pack)) for pack in (False, True)}
+    padded, packed = (load_file(runs[pack] / "adapter" / "adapter_model.safetensors") for pack in (False, True))
+    assert padded.keys() == packed.keys() and len(padded) > 0
+    for name in padded:
+        torch.testing.assert_close(packed[name], padded[name], atol=1e-4, rtol=1e-3, msg=name)

@@ -37,9 +37,10 @@ from .context import SEGMENT_IDS_KWARG, TASK_IDS_KWARG
 from .layer import MixLoraLayer
 
 ADAPTERS = ("mixlora", "lora", "full")
-# Models whose forward takes packed rows (InstructionCollator's pack_width): one position id per token, image
-# features filled into the image tokens in order. Qwen2-VL's M-RoPE positions are 3-D and computed per row.
-PACKABLE_MODEL_TYPES = ("llava",)
+# Models whose forward takes packed rows (InstructionCollator's pack_width): image features filled into the image
+# tokens in order, and positions that restart per record: one per token (LLaVA), or Qwen2-VL's 3-D M-RoPE positions,
+# computed per record by vlm.packed_rope_index after the text positions transformers reads the boundaries from.
+PACKABLE_MODEL_TYPES = ("llava", "qwen2_vl")
 
 
 @dataclass
@@ -73,8 +74,8 @@ class TrainConfig:
     pack_sequences: bool = field(default=False, metadata={
         "help": "Pack each batch's records into rows of up to max_length tokens, attention kept within each record "
                 "(position ids restart per record): the padded batch's loss and gradients for fewer tokens computed, "
-                "where lengths vary. LLaVA models; every adapter (MixLoRA routes each packed record as one instance; "
-                "not with pooling 'reference')."})
+                "where lengths vary. LLaVA and Qwen2-VL models; every adapter (MixLoRA routes each packed record as "
+                "one instance; not with pooling 'reference')."})
     # adapter
     r: int = field(default=4, metadata={"help": "Rank (LoRA) / factors selected per instance (MixLoRA)."})
     num_factors: int = field(default=16, metadata={"help": "MixLoRA: factors per pool (E)."})
@@ -378,8 +379,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
     model, processor = vlm.load(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32)
     if config.pack_sequences and vlm.model_type(model) not in PACKABLE_MODEL_TYPES:
         raise ValueError(f"pack_sequences: {config.model} is a {vlm.model_type(model)!r} model; packed rows are "
-                         f"supported for {list(PACKABLE_MODEL_TYPES)} (one position per token). Set pack_sequences: "
-                         "false")
+                         f"supported for {list(PACKABLE_MODEL_TYPES)}. Set pack_sequences: false")
     records, skipped = load_records(config.data, config.image_folder, skip_bad_records=config.skip_bad_records)
     if config.replay_data:
         records += replay_records(config, records)
@@ -401,7 +401,8 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
     mixlora = config.adapter == "mixlora"
     collator = InstructionCollator(pad_id, task_ids_key=TASK_IDS_KWARG if mixlora else None,
                                    pack_width=config.max_length if config.pack_sequences else None,
-                                   segment_ids_key=SEGMENT_IDS_KWARG if mixlora and config.pack_sequences else None)
+                                   segment_ids_key=SEGMENT_IDS_KWARG if mixlora and config.pack_sequences else None,
+                                   rope_index=vlm.packed_rope_index(model) if config.pack_sequences else None)
     trainer = _trainer_class(config.lora_plus_ratio)(
         model=model, args=_training_arguments(config, run_dir), train_dataset=dataset, data_collator=collator,
         callbacks=callbacks, processing_class=processor)

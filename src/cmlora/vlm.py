@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,32 @@ QWEN2_VL_CHAT_TEMPLATE = (
 
 def model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", "")
+
+
+def packed_rope_index(
+        model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """InstructionCollator's `rope_index` for `model`: the 3-D (M-RoPE) positions [3, L] of one record (input_ids
+    [L], mm_token_type_ids [L], image_grid_thw [images, 3] or None), computed by the model's own `get_rope_index`,
+    for packing a model whose positions are not one per token (Qwen2-VL); None for models with one position per
+    token (LLaVA), which need nothing more than the collator's restarting positions.
+
+    Packed rows cannot let the model compute these: it would walk each row as one sequence, so every record after
+    the first would start at the previous records' positions and read their images' grids. Each record's are
+    computed alone, as in an unpacked batch, and the collator lays them out row by row.
+    """
+    if model_type(model) != "qwen2_vl":
+        return None
+    inner = next((module for module in model.modules() if type(module).__name__ == "Qwen2VLModel"), None)
+    if inner is None:
+        raise ValueError(f"{type(model).__name__}: no Qwen2VLModel inside, whose get_rope_index packing needs")
+
+    @torch.no_grad()
+    def rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                   image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+        positions, _ = inner.get_rope_index(input_ids[None], mm_token_type_ids[None], image_grid_thw=image_grid_thw)
+        return positions[:, 0]
+
+    return rope_index
 
 
 def load(name_or_path: str | Path, dtype: torch.dtype | str | None = None, **kwargs: Any) -> tuple[nn.Module, Any]:

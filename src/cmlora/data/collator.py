@@ -8,7 +8,7 @@ MixLoRA model reads for task-conditioned routing and for packed rows): HF Traine
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,22 +45,31 @@ class InstructionCollator:
     loss and gradients are those of the padded batch, for the tokens of the items alone: padding costs compute in
     proportion to the batch's longest item, and a short-answer task mixed with long descriptions is mostly padding.
     The tail of a row is padding with position ids of its own (a block that attends to itself, never labelled).
-    Images follow the items in the order their image tokens appear, row by row. Packing serves models whose forward
-    takes one position per token (LLaVA); per-token processor inputs (Qwen2-VL's mm_token_type_ids, whose M-RoPE
-    positions are 3-D) are refused. For MixLoRA, `segment_ids_key` adds the record of each position ([rows, width],
-    the items' indices, -1 on padding), so that it routes each record as one instance; task ids then stay one per
-    item, in item order. Without segment ids, task ids with packing are refused (they would be per row).
+    Images follow the items in the order their image tokens appear, row by row. Per-token processor inputs are packed
+    as input_ids are (0 on a row's tail). Models with one position per token (LLaVA) need nothing more; models whose
+    positions are 3-D (Qwen2-VL's M-RoPE, marked by its per-token mm_token_type_ids) need `rope_index`
+    (`cmlora.vlm.packed_rope_index(model)`), which gives each item's own [3, length] positions: position_ids are then
+    [4, rows, width], the restarting text positions first (where transformers reads the item boundaries) and the
+    items' M-RoPE positions after, the layout Qwen2-VL's forward takes for packed rows. Per-token inputs without
+    `rope_index` are refused, since the positions the model would compute per row would be wrong. For MixLoRA,
+    `segment_ids_key` adds the record of each position ([rows, width], the items' indices, -1 on padding), so that
+    it routes each record as one instance; task ids then stay one per item, in item order. Without segment ids, task
+    ids with packing are refused (they would be per row).
     """
 
     def __init__(self, pad_token_id: int, *, task_ids_key: str | None = "mixlora_task_ids",
                  pad_to_multiple_of: int | None = None, pack_width: int | None = None,
-                 segment_ids_key: str | None = None) -> None:
+                 segment_ids_key: str | None = None,
+                 rope_index: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+                 ) -> None:
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
         if pack_width is not None and pack_width < 1:
             raise ValueError(f"pack_width must be positive, got {pack_width}")
         if segment_ids_key is not None and pack_width is None:
             raise ValueError("segment_ids_key marks the records of packed rows; it needs pack_width")
+        if rope_index is not None and pack_width is None:
+            raise ValueError("rope_index gives the positions of each record of a packed row; it needs pack_width")
         if pack_width is not None and task_ids_key is not None and segment_ids_key is None:
             raise ValueError("pack_width packs several records into one row, and task ids are per record: pass "
                              "segment_ids_key (MixLoRA's 'mixlora_segment_ids') so that the model can tell the records "
@@ -70,6 +79,7 @@ class InstructionCollator:
         self.segment_ids_key = segment_ids_key
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pack_width = pack_width
+        self.rope_index = rope_index
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
@@ -106,28 +116,39 @@ class InstructionCollator:
 
     def _pack(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         token_keys, image_keys = _extra_keys(items)
-        if token_keys:
-            raise ValueError(f"pack_width: the items have per-token inputs {token_keys}, which packed rows do not "
-                             "support (Qwen2-VL's M-RoPE positions); train this model without packing")
+        if token_keys and self.rope_index is None:
+            raise ValueError(f"pack_width: the items have per-token inputs {token_keys}, the mark of a model whose "
+                             "positions are 3-D (Qwen2-VL's M-RoPE), and the collator has no rope_index to compute "
+                             "them per record: pass rope_index=cmlora.vlm.packed_rope_index(model), or do not pack")
         rows = pack_rows([len(item["input_ids"]) for item in items], self.pack_width,
                          [item.get("id", "?") for item in items])
         width = self._padded(max(sum(len(items[i]["input_ids"]) for i in row) for row in rows))
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        # [rows, width], or [4, rows, width] with rope_index: text positions, then the 3 M-RoPE rows
+        position_ids = torch.zeros((len(rows), width) if self.rope_index is None else (4, len(rows), width),
+                                   dtype=torch.long)
         segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+        per_token = {key: torch.zeros((len(rows), width), dtype=_per_token_dtype(items, key)) for key in token_keys}
         for row, members in enumerate(rows):
             start = 0
             for index in members:
-                length = len(items[index]["input_ids"])
-                input_ids[row, start:start + length] = torch.as_tensor(items[index]["input_ids"])
-                labels[row, start:start + length] = torch.as_tensor(items[index]["labels"])
-                position_ids[row, start:start + length] = torch.arange(length)
-                segment_ids[row, start:start + length] = index
+                item = items[index]
+                length = len(item["input_ids"])
+                span = slice(start, start + length)
+                input_ids[row, span] = torch.as_tensor(item["input_ids"])
+                labels[row, span] = torch.as_tensor(item["labels"])
+                position_ids[..., row, span] = torch.arange(length)
+                if self.rope_index is not None:
+                    position_ids[1:, row, span] = self._rope_positions(item)
+                for key, packed in per_token.items():
+                    if isinstance(item.get(key), torch.Tensor):
+                        packed[row, span] = item[key]
+                segment_ids[row, span] = index
                 start += length
-            position_ids[row, start:] = torch.arange(width - start)
+            position_ids[..., row, start:] = torch.arange(width - start)
         batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                                 "use_cache": False}
+                                 **per_token, "use_cache": False}
         in_order = [items[index] for row in rows for index in row]  # the order of the image tokens
         for key in image_keys:
             batch[key] = _concatenate_per_image(in_order, key)
@@ -136,6 +157,17 @@ class InstructionCollator:
         if self.task_ids_key is not None:
             batch[self.task_ids_key] = torch.tensor([int(item["task_id"]) for item in items], dtype=torch.long)
         return batch
+
+    def _rope_positions(self, item: dict[str, Any]) -> torch.Tensor:
+        """The item's own [3, length] positions, as the model computes them for the item alone."""
+        ids = torch.as_tensor(item["input_ids"])
+        types = item.get("mm_token_type_ids")
+        types = torch.zeros_like(ids) if types is None else torch.as_tensor(types)
+        positions = self.rope_index(ids, types, item.get("image_grid_thw"))
+        if tuple(positions.shape) != (3, len(ids)):
+            raise ValueError(f"item {item.get('id', '?')!r}: rope_index gave positions of shape "
+                             f"{tuple(positions.shape)}, not (3, {len(ids)})")
+        return positions
 
 
 def pack_rows(lengths: Sequence[int], width: int, ids: Sequence[Any] | None = None) -> list[list[int]]:
@@ -183,9 +215,12 @@ def _extra_keys(items: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
     return [key for key, kind in kinds.items() if kind == "token"], image_keys
 
 
+def _per_token_dtype(items: Sequence[dict[str, Any]], key: str) -> torch.dtype:
+    return next(item[key].dtype for item in items if isinstance(item.get(key), torch.Tensor))
+
+
 def _pad_per_token(items: Sequence[dict[str, Any]], key: str, width: int) -> torch.Tensor:
-    dtype = next(item[key].dtype for item in items if isinstance(item.get(key), torch.Tensor))
-    padded = torch.zeros((len(items), width), dtype=dtype)
+    padded = torch.zeros((len(items), width), dtype=_per_token_dtype(items, key))
     for row, item in enumerate(items):
         if isinstance(item.get(key), torch.Tensor):
             padded[row, : len(item[key])] = item[key]
