@@ -25,7 +25,7 @@ from .data_helpers import (
     write_jsonl,
 )
 from .synthetic_data import write_records
-from .test_data_dataset import labelled_runs
+from .test_data_dataset import labelled_runs, packed_items
 
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -125,17 +125,13 @@ def test_text_only_qwen2_vl_batch_has_no_image_inputs(qwen, records):
 
 
 # ----------------------------------------------------------------- Qwen2-VL: packed rows
-def packed_qwen_items(dataset):
-    return [dataset[0], dataset[1], dataset[2], dataset[2], dataset[1], dataset[0]]  # image, text only, image
-
-
 def pack_qwen(model, items, width):
     return InstructionCollator(0, task_ids_key=None, pack_width=width, rope_index=vlm.packed_rope_index(model))(items)
 
 
 def test_a_packed_qwen2_vl_batch_gives_each_item_its_own_mrope_positions_after_the_text_positions(qwen, records):
     model, processor = qwen
-    items = packed_qwen_items(InstructionDataset(records, processor))
+    items = packed_items(InstructionDataset(records, processor))
     lengths = [len(item["input_ids"]) for item in items]
     width = max(lengths) + min(lengths)
     batch = pack_qwen(model, items, width)
@@ -170,7 +166,7 @@ def test_a_packed_qwen2_vl_batch_gives_each_item_its_own_mrope_positions_after_t
 
 def test_a_packed_qwen2_vl_batch_gives_the_padded_batchs_loss_and_gradients(qwen, records):
     model, processor = qwen
-    items = packed_qwen_items(InstructionDataset(records, processor))
+    items = packed_items(InstructionDataset(records, processor))
     padded = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None)(items)
     packed = pack_qwen(model, items, max(len(item["input_ids"]) for item in items) * 3)
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]

@@ -138,7 +138,7 @@ class InstructionCollator:
                 span = slice(start, start + length)
                 input_ids[row, span] = torch.as_tensor(item["input_ids"])
                 labels[row, span] = torch.as_tensor(item["labels"])
-                position_ids[..., row, span] = torch.arange(length)
+                position_ids[..., row, span] = torch.arange(length)  # every row; M-RoPE's 3 replaced below
                 if self.rope_index is not None:
                     position_ids[1:, row, span] = self._rope_positions(item)
                 for key, packed in per_token.items():
