@@ -3,7 +3,7 @@
     python benchmarks/packing.py --data suite/train.json --image-folder suite/images --model runs/suite-base
     python benchmarks/packing.py ... --replay-data suite/pretrain.json   # as configs/suite_lora.yaml mixes it
     python benchmarks/packing.py ... --adapter mixlora --num-factors 16   # MixLoRA: each packed record routed alone
-    python benchmarks/packing.py ... --model QWEN2_VL_FOLDER --template chat   # Qwen2-VL: M-RoPE positions per record
+    python benchmarks/packing.py ... --model QWEN2_VL_FOLDER --template chat   # Qwen2-VL, Qwen2.5-VL: M-RoPE per record
 
 The records (with `--replay-data`, 5 % of them replayed one question per record, as the suite's config does) are
 encoded in the given template and cut into random batches; each batch is collated twice, right-padded and packed
@@ -12,18 +12,20 @@ into rows of at most `--max-length` tokens. One step = forward with labels + bac
 record; packed rows carry the records' segment ids). Each round times one padded and one packed
 step on the same batch, in alternating order (AdamW at lr 0, so both see the same weights). Prints JSON: median
 step times, their ratio, the tokens per step each form computes, and the largest loss difference between them; and
-the collator's median time per batch in each form (Qwen2-VL's packed rows compute each record's M-RoPE positions
-there), with the ratio of step + collation.
+the collator's median time per batch in each form (Qwen2-VL's and Qwen2.5-VL's packed rows compute each record's
+M-RoPE positions there), with the ratio of step + collation.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
 import random
 import statistics
+import sys
 import time
 
 import peft
@@ -60,7 +62,8 @@ def main() -> None:
     model, processor = vlm.load(args.model)
     records, _ = load_records(args.data, args.image_folder)
     if args.replay_data:
-        records += replay_records(config, records)
+        with contextlib.redirect_stdout(sys.stderr):  # its "[cmlora] mixed in ..." line; stdout is the JSON alone
+            records += replay_records(config, records)
     random.Random(args.seed).shuffle(records)
     wanted = (args.warmup + args.batches) * args.batch_size
     dataset = InstructionDataset(records[:wanted], processor, template=args.template, max_length=args.max_length)

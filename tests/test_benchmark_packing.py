@@ -1,4 +1,4 @@
-"""benchmarks/packing.py on a tiny LLaVA and a tiny Qwen2-VL: both forms of each batch give the same loss, packing
+"""benchmarks/packing.py on a tiny LLaVA, Qwen2-VL and Qwen2.5-VL: both forms of each batch give the same loss, packing
 computes fewer tokens."""
 
 from __future__ import annotations
@@ -13,15 +13,19 @@ from cmlora import vlm
 from .benchmark_helpers import benchmark_module
 from .synthetic_data import write_records
 
+BUILDERS = {"llava": vlm.tiny, "qwen2_vl": vlm.tiny_qwen2_vl, "qwen2_5_vl": vlm.tiny_qwen2_5_vl}
 
-@pytest.mark.parametrize(("family", "adapter"), [("llava", "lora"), ("llava", "mixlora"), ("qwen2_vl", "lora")])
+
+@pytest.mark.parametrize(("family", "adapter"), [("llava", "lora"), ("llava", "mixlora"), ("qwen2_vl", "lora"),
+                                                 ("qwen2_5_vl", "lora")])
 def test_the_packing_benchmark_times_both_forms_of_the_same_batches(tmp_path, monkeypatch, capsys, family, adapter):
-    model = (vlm.tiny if family == "llava" else vlm.tiny_qwen2_vl)(tmp_path / "tiny")
+    model = BUILDERS[family](tmp_path / "tiny")
     data = write_records(tmp_path / "data", count=12)
     monkeypatch.setattr(sys, "argv", ["packing.py", "--data", str(data), "--image-folder", str(data.parent / "images"),
                                       "--model", str(model), "--batch-size", "4", "--batches", "2", "--warmup", "1",
                                       "--r", "2", "--adapter", adapter, "--num-factors", "4",
-                                      "--template", "plain" if family == "llava" else "chat"])
+                                      "--template", "plain" if family == "llava" else "chat",
+                                      "--replay-data", str(data)])  # replayed records, as the suite's config has
     benchmark_module("packing").main()
     result = json.loads(capsys.readouterr().out)
     assert result["largest_loss_difference"] < 1e-5

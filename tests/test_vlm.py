@@ -1,4 +1,5 @@
-"""cmlora.vlm: tiny LLaVA and Qwen2-VL checkpoints written offline, read back with `load`, and adapted with MixLoRA."""
+"""cmlora.vlm: tiny LLaVA, Qwen2-VL and Qwen2.5-VL checkpoints written offline, read back with `load`, and adapted
+with MixLoRA."""
 
 from __future__ import annotations
 
@@ -11,14 +12,26 @@ from PIL import Image
 from transformers import LlamaConfig
 
 import cmlora
-from cmlora.vlm import QWEN2_VL_TOKENS, TinySpec, load, mixlora_targets, tiny, tiny_qwen2_vl, tiny_tokenizer
+from cmlora.vlm import (
+    QWEN2_VL_TOKENS,
+    TinySpec,
+    load,
+    mixlora_targets,
+    tiny,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+    tiny_tokenizer,
+)
 
 VISION_TOWERS = ("vision_tower", "visual")
-PROJECTORS = {"llava": "multi_modal_projector", "qwen2_vl": "visual.merger"}
+PROJECTORS = {"llava": "multi_modal_projector", "qwen2_vl": "visual.merger", "qwen2_5_vl": "visual.merger"}
+# Per Qwen family: the model and processor classes `load` gives, and the processor class a saved folder declares.
+QWEN_CLASSES = {"qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+                "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")}
 
 
-def image(colour: str = "red") -> Image.Image:
-    picture = Image.new("RGB", (32, 32), "white")
+def image(colour: str = "red", size: int = 32) -> Image.Image:
+    picture = Image.new("RGB", (size, size), "white")
     picture.paste(Image.new("RGB", (16, 16), colour), (0, 0))
     return picture
 
@@ -53,14 +66,15 @@ def llava_dir(tmp_path_factory):
     return tiny(tmp_path_factory.mktemp("tiny_llava"))
 
 
-@pytest.fixture(scope="module")
-def qwen2_vl_dir(tmp_path_factory):
-    return tiny_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl"))
+@pytest.fixture(scope="module", params=sorted(QWEN_CLASSES))
+def qwen_dir(request, tmp_path_factory):
+    build = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}[request.param]
+    return request.param, build(tmp_path_factory.mktemp(f"tiny_{request.param}"))
 
 
-@pytest.fixture(params=["llava", "qwen2_vl"])
-def family_dir(request, llava_dir, qwen2_vl_dir):
-    return request.param, {"llava": llava_dir, "qwen2_vl": qwen2_vl_dir}[request.param]
+@pytest.fixture(params=["llava", "qwen"])
+def family_dir(request, llava_dir, qwen_dir):
+    return qwen_dir if request.param == "qwen" else ("llava", llava_dir)
 
 
 # ----------------------------------------------------------------- LLaVA
@@ -80,13 +94,15 @@ def test_llava_round_trip_expands_image_token_and_runs_forward(llava_dir):
     assert torch.isfinite(logits).all()
 
 
-# ----------------------------------------------------------------- Qwen2-VL
-def test_qwen2_vl_round_trip_processor_and_training_step(qwen2_vl_dir):
-    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+# ----------------------------------------------------------------- Qwen2-VL, Qwen2.5-VL
+def test_qwen_round_trip_processor_and_training_step(qwen_dir):
+    import transformers
 
-    model, processor = load(qwen2_vl_dir)
-    assert isinstance(model, Qwen2VLForConditionalGeneration)
-    assert isinstance(processor, Qwen2VLProcessor)
+    family, path = qwen_dir
+    model, processor = load(path)
+    model_class, processor_class = QWEN_CLASSES[family]
+    assert isinstance(model, getattr(transformers, model_class))
+    assert isinstance(processor, getattr(transformers, processor_class))
     tokenizer, config = processor.tokenizer, model.config
     assert config.image_token_id == tokenizer.convert_tokens_to_ids(QWEN2_VL_TOKENS["image_token"])
     assert config.video_token_id == tokenizer.convert_tokens_to_ids(QWEN2_VL_TOKENS["video_token"])
@@ -103,9 +119,15 @@ def test_qwen2_vl_round_trip_processor_and_training_step(qwen2_vl_dir):
     assert int(image_tokens.sum()) == 4  # 4x4 patches merged 2x2
     assert torch.equal(inputs["mm_token_type_ids"].bool(), image_tokens)
 
+    # The M-RoPE positions need mm_token_type_ids: Qwen2-VL raises without it, Qwen2.5-VL silently falls back to
+    # one position per token, so the pipeline must carry it for both.
     without_types = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
-    with pytest.raises(ValueError, match="mm_token_type_ids"):
-        model(**without_types)
+    if family == "qwen2_vl":
+        with pytest.raises(ValueError, match="mm_token_type_ids"):
+            model(**without_types)
+    else:
+        with torch.no_grad():
+            assert not torch.allclose(model(**without_types).logits, model(**inputs).logits, atol=1e-4)
 
     model.train()
     batch = training_batch(processor)
@@ -116,12 +138,35 @@ def test_qwen2_vl_round_trip_processor_and_training_step(qwen2_vl_dir):
     assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
-def test_qwen2_vl_checkpoint_is_a_standard_qwen2_vl_folder(qwen2_vl_dir):
-    processor_config = json.loads((qwen2_vl_dir / "processor_config.json").read_text())
-    assert processor_config["processor_class"] == "Qwen2VLProcessor"
+def test_qwen_checkpoint_is_a_standard_folder_of_its_family(qwen_dir):
+    family, path = qwen_dir
+    processor_config = json.loads((path / "processor_config.json").read_text())
+    assert processor_config["processor_class"] == QWEN_CLASSES[family][1]
     assert processor_config["image_processor"]["image_processor_type"] == "Qwen2VLImageProcessor"
     assert processor_config["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
-    assert json.loads((qwen2_vl_dir / "config.json").read_text())["model_type"] == "qwen2_vl"
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == family and config["architectures"] == [QWEN_CLASSES[family][0]]
+
+
+@torch.no_grad()
+def test_tiny_qwen2_5_vl_attends_within_windows_but_in_its_last_block(tmp_path):
+    """The tiny Qwen2.5-VL's vision tower is Qwen2.5-VL's: window attention (windows of 2x2 image tokens) in every
+    block but the last. At 32 x 32 pixels (2x2 tokens, one window) the image reads the same with full attention in
+    every block; at 64 x 64 (four windows) it does not."""
+    for size in (32, 64):
+        model, processor = load(tiny_qwen2_5_vl(tmp_path / str(size), TinySpec(image_size=size)))
+        visual = model.model.visual
+        assert visual.fullatt_block_indexes == [len(visual.blocks) - 1]
+        inputs = processor(images=[image("blue", size)], text=["<|vision_start|><|image_pad|><|vision_end|>"],
+                           return_tensors="pt")
+        windowed = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+        visual.fullatt_block_indexes = list(range(len(visual.blocks)))
+        full = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+        assert windowed.shape[0] == (size // 16) ** 2
+        if size == 32:
+            torch.testing.assert_close(windowed, full)
+        else:
+            assert not torch.allclose(windowed, full, atol=1e-4)
 
 
 # ----------------------------------------------------------------- MixLoRA on both families

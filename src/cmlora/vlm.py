@@ -4,7 +4,8 @@
 model and its processor. `tiny(out_dir)` writes a real, randomly initialised LLaVA (CLIP-style vision tower,
 Llama language model, a byte-level BPE tokenizer trained locally, a LlavaProcessor) in the same format, so that
 `load(out_dir)` reads it like any checkpoint and nothing is downloaded. `tiny_qwen2_vl(out_dir)` does the same for
-Qwen2-VL (Qwen2-VL vision tower and patch merger, Qwen2 language model with M-RoPE, a Qwen2VLProcessor).
+Qwen2-VL (Qwen2-VL vision tower and patch merger, Qwen2 language model with M-RoPE, a Qwen2VLProcessor), and
+`tiny_qwen2_5_vl(out_dir)` for Qwen2.5-VL (its windowed vision tower, a Qwen2_5_VLProcessor).
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 
+# The models whose positions are M-RoPE's (time, height, width), by model type: the class inside that computes them.
+# Their get_rope_index takes the same arguments for images; Qwen2.5-VL's also spaces video frames by
+# second_per_grid_ts, which image data never passes.
+_MROPE_MODELS = {"qwen2_vl": "Qwen2VLModel", "qwen2_5_vl": "Qwen2_5_VLModel"}
+
+
 def model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", "")
 
@@ -75,18 +82,19 @@ def packed_rope_index(
         model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
     """InstructionCollator's `rope_index` for `model`: the 3-D (M-RoPE) positions [3, L] of one record (input_ids
     [L], mm_token_type_ids [L], image_grid_thw [images, 3] or None), computed by the model's own `get_rope_index`,
-    for packing a model whose positions are not one per token (Qwen2-VL); None for models with one position per
-    token (LLaVA), which need nothing more than the collator's restarting positions.
+    for packing a model whose positions are not one per token (Qwen2-VL, Qwen2.5-VL); None for models with one
+    position per token (LLaVA), which need nothing more than the collator's restarting positions.
 
     Packed rows cannot let the model compute these: it would walk each row as one sequence, so every record after
     the first would start at the previous records' positions and read their images' grids. Each record's are
     computed alone, as in an unpacked batch, and the collator lays them out row by row.
     """
-    if model_type(model) != "qwen2_vl":
+    inner_name = _MROPE_MODELS.get(model_type(model))
+    if inner_name is None:
         return None
-    inner = next((module for module in model.modules() if type(module).__name__ == "Qwen2VLModel"), None)
+    inner = next((module for module in model.modules() if type(module).__name__ == inner_name), None)
     if inner is None:
-        raise ValueError(f"{type(model).__name__}: no Qwen2VLModel inside, whose get_rope_index packing needs")
+        raise ValueError(f"{type(model).__name__}: no {inner_name} inside, whose get_rope_index packing needs")
 
     @torch.no_grad()
     def rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
@@ -171,8 +179,9 @@ class TinySpec:
     """Sizes of a tiny VLM. The defaults build a ~0.2M-parameter model that trains at dozens of steps/s on CPU.
 
     `patch_size` is the side in pixels of the image area one image token stands for: LLaVA's CLIP patch; for
-    Qwen2-VL, which merges 2x2 vision patches into one token, twice its vision patch. Either way an image of
-    `image_size` gives (image_size / patch_size)**2 image tokens (4 with the defaults).
+    Qwen2-VL and Qwen2.5-VL, which merge 2x2 vision patches into one token, twice their vision patch. Either way an
+    image of `image_size` gives (image_size / patch_size)**2 image tokens (4 with the defaults). Qwen2-VL's vision
+    MLP is twice `vision_hidden` wide whatever `vision_intermediate` says (its config has a ratio, not a width).
     """
 
     image_size: int = 32
@@ -258,7 +267,8 @@ def tiny_tokenizer(vocab_size: int = 512, corpus: Sequence[str] | None = None, f
 
 
 def tiny_qwen2_vl_tokenizer(vocab_size: int = 512) -> Any:
-    """Qwen2-VL's tiny tokenizer: the same BPE with ChatML and vision tokens; eos <|im_end|>, pad <|endoftext|>."""
+    """Qwen2-VL's and Qwen2.5-VL's tiny tokenizer: the same BPE with ChatML and vision tokens; eos <|im_end|>,
+    pad <|endoftext|>."""
     specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", *QWEN2_VL_TOKENS.values()]
     return _byte_level_bpe(vocab_size, specials, unk_token="<unk>", eos_token="<|im_end|>",
                            pad_token="<|endoftext|>", extra_special_tokens=dict(QWEN2_VL_TOKENS))
@@ -327,21 +337,31 @@ def tiny_qwen2_vl(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     min and max pixels are both image_size**2, so an image_size x image_size image gives (image_size /
     patch_size)**2 image tokens. The processor saved is a standard Qwen2VLProcessor, with a video-processor section
     for environments that have torchvision. Model inputs need the processor's `mm_token_type_ids` (M-RoPE positions)
-    next to `pixel_values` and `image_grid_thw`: Qwen2-VL's forward raises without it.
+    next to `pixel_values` and `image_grid_thw`: Qwen2-VL's forward raises without it (Qwen2.5-VL's silently falls
+    back to one position per token).
     """
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
-        Qwen2VLTextConfig,
-        Qwen2VLVisionConfig,
-    )
+    return _tiny_qwen("qwen2_vl", out_dir, spec)
+
+
+def tiny_qwen2_5_vl(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
+    """Write a tiny, randomly initialised Qwen2.5-VL (model + processor) to `out_dir`, loadable with `load(out_dir)`.
+
+    As `tiny_qwen2_vl`, with Qwen2.5-VL's vision tower (RMSNorm, gated MLP, window attention in every block but the
+    last, which attends to the whole image as Qwen2.5-VL's full-attention blocks do) and a Qwen2_5_VLProcessor. The
+    window is two image tokens wide, so an image of more than 2x2 tokens is split into windows.
+    """
+    return _tiny_qwen("qwen2_5_vl", out_dir, spec)
+
+
+def _tiny_qwen(family: str, out_dir: str | Path, spec: TinySpec | None) -> Path:
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
 
     spec = spec or TinySpec()
     merge = 2
     if spec.patch_size % merge or spec.image_size % spec.patch_size:
         raise ValueError(
-            f"tiny_qwen2_vl needs an even patch_size that divides image_size; got patch_size={spec.patch_size}, "
+            f"tiny_{family} needs an even patch_size that divides image_size; got patch_size={spec.patch_size}, "
             f"image_size={spec.image_size}"
         )
     vision_patch = spec.patch_size // merge
@@ -349,29 +369,36 @@ def tiny_qwen2_vl(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_qwen2_vl_tokenizer(spec.vocab_size)
     ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in QWEN2_VL_TOKENS.items()}
-    # The same files with or without torchvision: the PIL image processor saves as "Qwen2VLImageProcessor", and the
-    # image-only processor saves as "Qwen2VLProcessor" with a video-processor section derived from the image one.
+    # The same files with or without torchvision: the PIL image processor saves as "Qwen2VLImageProcessor" (both
+    # families use it), and the image-only processor saves as the family's processor class with a video-processor
+    # section derived from the image one.
     pixels = spec.image_size**2
     image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=vision_patch,
                                                merge_size=merge, temporal_patch_size=2)
-    processor = _image_only_processor_class("Qwen2VLProcessor")(image_processor=image_processor, tokenizer=tokenizer,
-                                                                 chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    vision = Qwen2VLVisionConfig(depth=spec.vision_layers, embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden,
-                                 mlp_ratio=2, num_heads=spec.vision_heads, patch_size=vision_patch,
-                                 spatial_merge_size=merge, temporal_patch_size=2)
-    text = Qwen2VLTextConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
-                             intermediate_size=spec.intermediate, num_hidden_layers=spec.text_layers,
-                             num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
-                             max_position_embeddings=1024,
-                             rope_parameters={"rope_type": "default",
-                                              "mrope_section": _mrope_section(spec.text_hidden // spec.text_heads)},
-                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-                             eos_token_id=tokenizer.eos_token_id)
-    config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image_token"],
-                           video_token_id=ids["video_token"], vision_start_token_id=ids["vision_start_token"],
-                           vision_end_token_id=ids["vision_end_token"])
+    processor = _image_only_processor_class(_PROCESSORS_WITH_VIDEO[family])(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    prefix = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[family]
+    common_vision = dict(depth=spec.vision_layers, num_heads=spec.vision_heads, patch_size=vision_patch,
+                         spatial_merge_size=merge, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        vision = transformers.Qwen2VLVisionConfig(embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden,
+                                                  mlp_ratio=2, **common_vision)
+    else:
+        vision = transformers.Qwen2_5_VLVisionConfig(
+            hidden_size=spec.vision_hidden, out_hidden_size=spec.text_hidden,
+            intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+            window_size=2 * spec.patch_size, fullatt_block_indexes=[spec.vision_layers - 1], **common_vision)
+    text = getattr(transformers, f"{prefix}TextConfig")(
+        vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads, max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "mrope_section": _mrope_section(spec.text_hidden // spec.text_heads)},
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=vision, text_config=text, image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+        vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
     torch.manual_seed(spec.seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None

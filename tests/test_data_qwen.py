@@ -1,6 +1,7 @@
-"""The data pipeline beyond LLaVA: Qwen2-VL items and batches (mm_token_type_ids, image_grid_thw, patch-flattened
-pixel_values), packed Qwen2-VL rows (M-RoPE positions per record), LLaVA-NeXT's image_sizes and padded patches, and
-training a tiny Qwen2-VL end to end."""
+"""The data pipeline beyond LLaVA: Qwen2-VL and Qwen2.5-VL items and batches (mm_token_type_ids, image_grid_thw,
+patch-flattened pixel_values), their packed rows (M-RoPE positions per record), LLaVA-NeXT's image_sizes and padded
+patches, and training a tiny Qwen2-VL and Qwen2.5-VL end to end. Every test of a `qwen` fixture runs on both
+families: they share the processor's inputs and the M-RoPE layout, and differ in the vision tower."""
 
 from __future__ import annotations
 
@@ -30,9 +31,12 @@ from .test_data_dataset import labelled_runs, packed_items
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return vlm.tiny_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl"))
+QWEN_BUILDERS = {"qwen2_vl": vlm.tiny_qwen2_vl, "qwen2_5_vl": vlm.tiny_qwen2_5_vl}
+
+
+@pytest.fixture(scope="module", params=sorted(QWEN_BUILDERS))
+def qwen_dir(request, tmp_path_factory):
+    return QWEN_BUILDERS[request.param](tmp_path_factory.mktemp(f"tiny_{request.param}"))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,7 @@ def test_vicuna_v1_uses_each_familys_image_placeholder_and_end_token(qwen):
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
-def test_qwen2_vl_item_labels_answers_and_end_token_only(qwen, records, template):
+def test_qwen_item_labels_answers_and_end_token_only(qwen, records, template):
     model, processor = qwen
     tokenizer = processor.tokenizer
     dataset = InstructionDataset(records, processor, template=template)
@@ -92,7 +96,7 @@ def test_per_token_inputs_are_truncated_with_input_ids(qwen, records):
 
 @torch.no_grad()
 @pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
-def test_mixed_qwen2_vl_batch_matches_each_item_alone(qwen, records, template):
+def test_mixed_qwen_batch_matches_each_item_alone(qwen, records, template):
     model, processor = qwen
     dataset = InstructionDataset(records, processor, template=template)
     items = [dataset[0], dataset[1], dataset[2]]  # image, text only, image
@@ -116,7 +120,7 @@ def test_mixed_qwen2_vl_batch_matches_each_item_alone(qwen, records, template):
         torch.testing.assert_close(output.logits[row, :length], model(**alone).logits[0], atol=1e-4, rtol=1e-4)
 
 
-def test_text_only_qwen2_vl_batch_has_no_image_inputs(qwen, records):
+def test_text_only_qwen_batch_has_no_image_inputs(qwen, records):
     _, processor = qwen
     dataset = InstructionDataset(records, processor)
     batch = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None)([dataset[1], dataset[1]])
@@ -124,12 +128,12 @@ def test_text_only_qwen2_vl_batch_has_no_image_inputs(qwen, records):
     assert not batch["mm_token_type_ids"].any()
 
 
-# ----------------------------------------------------------------- Qwen2-VL: packed rows
+# ----------------------------------------------------------------- Qwen2-VL, Qwen2.5-VL: packed rows
 def pack_qwen(model, items, width):
     return InstructionCollator(0, task_ids_key=None, pack_width=width, rope_index=vlm.packed_rope_index(model))(items)
 
 
-def test_a_packed_qwen2_vl_batch_gives_each_item_its_own_mrope_positions_after_the_text_positions(qwen, records):
+def test_a_packed_qwen_batch_gives_each_item_its_own_mrope_positions_after_the_text_positions(qwen, records):
     model, processor = qwen
     items = packed_items(InstructionDataset(records, processor))
     lengths = [len(item["input_ids"]) for item in items]
@@ -164,7 +168,7 @@ def test_a_packed_qwen2_vl_batch_gives_each_item_its_own_mrope_positions_after_t
     assert torch.equal(batch["image_grid_thw"], torch.cat(grids))  # the order the image tokens appear in
 
 
-def test_a_packed_qwen2_vl_batch_gives_the_padded_batchs_loss_and_gradients(qwen, records):
+def test_a_packed_qwen_batch_gives_the_padded_batchs_loss_and_gradients(qwen, records):
     model, processor = qwen
     items = packed_items(InstructionDataset(records, processor))
     padded = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None)(items)
@@ -178,7 +182,7 @@ def test_a_packed_qwen2_vl_batch_gives_the_padded_batchs_loss_and_gradients(qwen
     assert abs(results["leaking"][0] - results["padded"][0]) > 1e-4
 
 
-def test_packed_rope_index_is_for_qwen2_vl_and_checked_by_the_collator(qwen, records, tmp_path):
+def test_packed_rope_index_is_for_m_rope_models_and_checked_by_the_collator(qwen, records, tmp_path):
     model, processor = qwen
     llava, _ = vlm.load(vlm.tiny(tmp_path / "llava"))
     assert vlm.packed_rope_index(llava) is None  # one position per token: the collator's restarting positions
@@ -248,7 +252,7 @@ def test_llava_next_image_sizes_and_patch_counts_travel_with_their_rows(tmp_path
 
 
 # ----------------------------------------------------------------- training end to end
-def test_auto_template_is_vicuna_v1_for_llava_and_chat_for_qwen2_vl(qwen, tmp_path):
+def test_auto_template_is_vicuna_v1_for_llava_and_chat_for_qwen(qwen, tmp_path):
     model, processor = qwen
     assert resolve_template("auto", model, processor) == "chat"
     assert resolve_template("vicuna_v1", model, processor) == "vicuna_v1"
@@ -257,7 +261,7 @@ def test_auto_template_is_vicuna_v1_for_llava_and_chat_for_qwen2_vl(qwen, tmp_pa
 
 
 @pytest.mark.parametrize("template", ["auto", "vicuna_v1"])
-def test_train_a_tiny_qwen2_vl_then_load_and_generate(qwen_dir, tmp_path, capsys, template):
+def test_train_a_tiny_qwen_then_load_and_generate(qwen_dir, tmp_path, capsys, template):
     data = write_records(tmp_path / "data", count=8)
     config = TrainConfig(model=str(qwen_dir), data=str(data), image_folder=str(data.parent / "images"),
                          output_dir=str(tmp_path / "run"), adapter="mixlora", template=template, max_length=128,
@@ -278,7 +282,7 @@ def test_train_a_tiny_qwen2_vl_then_load_and_generate(qwen_dir, tmp_path, capsys
 
 
 @pytest.mark.parametrize("adapter", ["lora", "mixlora"])
-def test_pack_sequences_trains_a_tiny_qwen2_vl_to_the_padded_runs_weights(qwen_dir, tmp_path, adapter):
+def test_pack_sequences_trains_a_tiny_qwen_to_the_padded_runs_weights(qwen_dir, tmp_path, adapter):
     data = write_records(tmp_path / "data", count=8)
     runs = {pack: train(TrainConfig(
         model=str(qwen_dir), data=str(data), image_folder=str(data.parent / "images"),
