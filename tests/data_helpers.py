@@ -74,6 +74,37 @@ def losses_and_gradients(model, batches: dict[str, dict]) -> dict[str, tuple]:
     return results
 
 
+def assert_packed_training_gives_the_padded_weights(model_dir, tmp_path: Path, adapter: str) -> Path:
+    """Three steps of `adapter` (lora, mixlora) on the same records with pack_sequences off and on, in the model's
+    chat template: the saved adapters hold the same weights. Returns the packed run."""
+    from safetensors.torch import load_file
+
+    from cmlora.train import TrainConfig, train
+
+    from .synthetic_data import write_records
+
+    data = write_records(tmp_path / "data", count=8)
+    runs = {pack: train(TrainConfig(
+        model=str(model_dir), data=str(data), image_folder=str(data.parent / "images"),
+        output_dir=str(tmp_path / f"run-{pack}"), adapter=adapter, template="chat", max_length=256, num_factors=8,
+        r=2, lora_dropout=0.0, learning_rate=1e-3, batch_size=4, max_steps=3, logging_steps=1, save_steps=100,
+        use_cpu=True, seed=3, pack_sequences=pack)) for pack in (False, True)}
+    padded, packed = (load_file(runs[pack] / "adapter" / "adapter_model.safetensors") for pack in (False, True))
+    assert padded.keys() == packed.keys() and len(padded) > 0
+    for name in padded:
+        torch.testing.assert_close(packed[name], padded[name], atol=1e-4, rtol=1e-3, msg=name)
+    return runs[True]
+
+
+def assert_each_row_is_its_item_alone(model, collate, items, batch_logits) -> None:
+    """Right padding + causal attention: each row's logits over its item equal the item's collated alone."""
+    for row, item in enumerate(items):
+        alone = collate([item])
+        alone.pop("mixlora_task_ids", None)
+        length = len(item["input_ids"])
+        torch.testing.assert_close(batch_logits[row, :length], model(**alone).logits[0], atol=1e-4, rtol=1e-4)
+
+
 def assert_same_loss_and_gradients(result, expected) -> None:
     (loss, gradients), (expected_loss, expected_gradients) = result, expected
     torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)

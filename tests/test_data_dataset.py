@@ -11,7 +11,12 @@ from cmlora import vlm
 from cmlora.data import TEMPLATES, DataError, InstructionCollator, InstructionDataset, Record, Turn
 from cmlora.data.collator import pack_rows
 
-from .data_helpers import assert_same_loss_and_gradients, losses_and_gradients, mixed_records
+from .data_helpers import (
+    assert_each_row_is_its_item_alone,
+    assert_same_loss_and_gradients,
+    losses_and_gradients,
+    mixed_records,
+)
 
 
 @pytest.fixture(scope="module")
@@ -199,11 +204,7 @@ def test_mixed_batch_runs_through_llava_with_each_image_on_its_row(tiny, records
     assert batch["pixel_values"].shape[0] == 2
     output = model(**batch)
     assert torch.isfinite(output.loss)
-    for row, item in enumerate(items):  # right padding + causal attention: each row equals its item alone
-        alone = collate([item])
-        alone.pop("mixlora_task_ids")
-        length = len(item["input_ids"])
-        torch.testing.assert_close(output.logits[row, :length], model(**alone).logits[0], atol=1e-4, rtol=1e-4)
+    assert_each_row_is_its_item_alone(model, collate, items, output.logits)
 
 
 @pytest.mark.parametrize("template", ["plain", "vicuna_v1"])

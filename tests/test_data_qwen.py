@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 import cmlora
 from cmlora import vlm
@@ -17,6 +16,8 @@ from cmlora.data.collator import pack_rows
 from cmlora.train import TrainConfig, load_run, resolve_template, train
 
 from .data_helpers import (
+    assert_each_row_is_its_item_alone,
+    assert_packed_training_gives_the_padded_weights,
     assert_same_loss_and_gradients,
     losses_and_gradients,
     mixed_records,
@@ -113,11 +114,7 @@ def test_mixed_qwen_batch_matches_each_item_alone(qwen, records, template):
         assert batch["mm_token_type_ids"][row].tolist() == item["mm_token_type_ids"].tolist() + [0] * (width - length)
     output = model(**batch)
     assert torch.isfinite(output.loss)
-    for row, item in enumerate(items):
-        alone = collate([item])
-        alone.pop("mixlora_task_ids")
-        length = len(item["input_ids"])
-        torch.testing.assert_close(output.logits[row, :length], model(**alone).logits[0], atol=1e-4, rtol=1e-4)
+    assert_each_row_is_its_item_alone(model, collate, items, output.logits)
 
 
 def test_text_only_qwen_batch_has_no_image_inputs(qwen, records):
@@ -245,10 +242,7 @@ def test_llava_next_image_sizes_and_patch_counts_travel_with_their_rows(tmp_path
     torch.testing.assert_close(batch["pixel_values"], own["pixel_values"], atol=0, rtol=0)
     output = model(**batch)
     assert torch.isfinite(output.loss)
-    for row, item in enumerate(items):
-        length = len(item["input_ids"])
-        torch.testing.assert_close(output.logits[row, :length], model(**collate([item])).logits[0],
-                                   atol=1e-4, rtol=1e-4)
+    assert_each_row_is_its_item_alone(model, collate, items, output.logits)
 
 
 # ----------------------------------------------------------------- training end to end
@@ -283,13 +277,4 @@ def test_train_a_tiny_qwen_then_load_and_generate(qwen_dir, tmp_path, capsys, te
 
 @pytest.mark.parametrize("adapter", ["lora", "mixlora"])
 def test_pack_sequences_trains_a_tiny_qwen_to_the_padded_runs_weights(qwen_dir, tmp_path, adapter):
-    data = write_records(tmp_path / "data", count=8)
-    runs = {pack: train(TrainConfig(
-        model=str(qwen_dir), data=str(data), image_folder=str(data.parent / "images"),
-        output_dir=str(tmp_path / f"run-{pack}"), adapter=adapter, template="chat", max_length=256, num_factors=8,
-        r=2, lora_dropout=0.0, learning_rate=1e-3, batch_size=4, max_steps=3, logging_steps=1, save_steps=100,
-        use_cpu=True, seed=3, pack_sequences=pack)) for pack in (False, True)}
-    padded, packed = (load_file(runs[pack] / "adapter" / "adapter_model.safetensors") for pack in (False, True))
-    assert padded.keys() == packed.keys() and len(padded) > 0
-    for name in padded:
-        torch.testing.assert_close(packed[name], padded[name], atol=1e-4, rtol=1e-3, msg=name)
+    assert_packed_training_gives_the_padded_weights(qwen_dir, tmp_path, adapter)

@@ -62,6 +62,23 @@ def test_answers_do_not_depend_on_the_batch_size(bench, tmp_path):
     assert len(set(one)) > 1  # the adapter's answers differ between examples: the comparison is not vacuous
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "idefics3"])
+@pytest.mark.parametrize("template", ["chat", "vicuna_v1"])
+def test_every_familys_answers_do_not_depend_on_the_batch_size(bench, tmp_path, family, template):
+    """Left-padded batches of images of varied sizes (Qwen: varied image token counts) answer as one at a time."""
+    build = {"qwen2_vl": vlm.tiny_qwen2_vl, "qwen2_5_vl": vlm.tiny_qwen2_5_vl, "idefics3": vlm.tiny_idefics3}[family]
+    model, processor = vlm.load(build(tmp_path / "tiny"))
+    import peft
+    model = peft.get_peft_model(model, cmlora.MixLoraConfig(num_factors=8, r=2, init_weights=False,
+                                                            **vlm.mixlora_targets(model))).eval()
+    examples = bench[3]
+    runs = [predict(model, processor, examples, spec_for("colour_vqa"), tmp_path / f"b{size}.jsonl",
+                    GenerationSettings(batch_size=size, template=template), f"{family}#0") for size in (1, 8)]
+    one, eight = ([row["prediction"] for row in rows] for rows in runs)
+    assert one == eight
+    assert len(set(one)) > 1
+
+
 def test_a_rerun_continues_where_a_killed_run_stopped(bench, tmp_path, monkeypatch):
     path = tmp_path / "p.jsonl"
     full = answers(bench, path, 4)

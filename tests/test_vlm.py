@@ -1,5 +1,5 @@
-"""cmlora.vlm: tiny LLaVA, Qwen2-VL and Qwen2.5-VL checkpoints written offline, read back with `load`, and adapted
-with MixLoRA."""
+"""cmlora.vlm: tiny LLaVA, Qwen2-VL, Qwen2.5-VL and Idefics3 checkpoints written offline, read back with `load`, and
+adapted with MixLoRA."""
 
 from __future__ import annotations
 
@@ -15,16 +15,19 @@ import cmlora
 from cmlora.vlm import (
     QWEN2_VL_TOKENS,
     TinySpec,
+    in_language_model,
     load,
     mixlora_targets,
     tiny,
+    tiny_idefics3,
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
     tiny_tokenizer,
 )
 
-VISION_TOWERS = ("vision_tower", "visual")
-PROJECTORS = {"llava": "multi_modal_projector", "qwen2_vl": "visual.merger", "qwen2_5_vl": "visual.merger"}
+VISION_TOWERS = ("vision_tower", "visual", "vision_model")
+PROJECTORS = {"llava": "multi_modal_projector", "qwen2_vl": "visual.merger", "qwen2_5_vl": "visual.merger",
+              "idefics3": "connector"}
 # Per Qwen family: the model and processor classes `load` gives, and the processor class a saved folder declares.
 QWEN_CLASSES = {"qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
                 "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")}
@@ -61,20 +64,35 @@ def generation_inputs(processor) -> dict:
     return dict(processor(images=[image()], text=[prompt], return_tensors="pt"))
 
 
+BUILDERS = {"llava": tiny, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "idefics3": tiny_idefics3}
+
+
 @pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return tiny(tmp_path_factory.mktemp("tiny_llava"))
+def tiny_dir(tmp_path_factory):
+    """family -> the folder of its tiny checkpoint, each written once per module."""
+    folders = {}
+
+    def folder(family):
+        if family not in folders:
+            folders[family] = BUILDERS[family](tmp_path_factory.mktemp(f"tiny_{family}"))
+        return folders[family]
+
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tiny_dir):
+    return tiny_dir("llava")
 
 
 @pytest.fixture(scope="module", params=sorted(QWEN_CLASSES))
-def qwen_dir(request, tmp_path_factory):
-    build = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}[request.param]
-    return request.param, build(tmp_path_factory.mktemp(f"tiny_{request.param}"))
+def qwen_dir(request, tiny_dir):
+    return request.param, tiny_dir(request.param)
 
 
-@pytest.fixture(params=["llava", "qwen"])
-def family_dir(request, llava_dir, qwen_dir):
-    return qwen_dir if request.param == "qwen" else ("llava", llava_dir)
+@pytest.fixture(params=sorted(BUILDERS))
+def family_dir(request, tiny_dir):
+    return request.param, tiny_dir(request.param)
 
 
 # ----------------------------------------------------------------- LLaVA
@@ -179,7 +197,7 @@ def test_mixlora_adapts_the_language_model_only_and_trains(family_dir):
 
     adapted = [n for n, m in peft_model.named_modules() if isinstance(m, cmlora.MixLoraLayer)]
     assert len(adapted) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
-    assert all("language_model" in n for n in adapted)
+    assert all(in_language_model(n) for n in adapted)
     assert not any(tower in n for n in adapted for tower in VISION_TOWERS)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     projector = [n for n in trainable if PROJECTORS[family] in n and "modules_to_save" in n]

@@ -38,10 +38,10 @@ from .layer import MixLoraLayer
 
 ADAPTERS = ("mixlora", "lora", "full")
 # Models whose forward takes packed rows (InstructionCollator's pack_width): image features filled into the image
-# tokens in order, and positions that restart per record: one per token (LLaVA), or Qwen2-VL's and Qwen2.5-VL's 3-D
-# M-RoPE positions, computed per record by vlm.packed_rope_index after the text positions transformers reads the
-# boundaries from.
-PACKABLE_MODEL_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl")
+# tokens in order, and positions that restart per record: one per token (LLaVA, Idefics3), or Qwen2-VL's and
+# Qwen2.5-VL's 3-D M-RoPE positions, computed per record by vlm.packed_rope_index after the text positions
+# transformers reads the boundaries from.
+PACKABLE_MODEL_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3")
 
 
 @dataclass
@@ -75,8 +75,8 @@ class TrainConfig:
     pack_sequences: bool = field(default=False, metadata={
         "help": "Pack each batch's records into rows of up to max_length tokens, attention kept within each record "
                 "(position ids restart per record): the padded batch's loss and gradients for fewer tokens computed, "
-                "where lengths vary. LLaVA, Qwen2-VL and Qwen2.5-VL models; every adapter (MixLoRA routes each packed "
-                "record as one instance; not with pooling 'reference')."})
+                "where lengths vary. LLaVA, Qwen2-VL, Qwen2.5-VL and Idefics3 models; every adapter (MixLoRA routes "
+                "each packed record as one instance; not with pooling 'reference')."})
     # adapter
     r: int = field(default=4, metadata={"help": "Rank (LoRA) / factors selected per instance (MixLoRA)."})
     num_factors: int = field(default=16, metadata={"help": "MixLoRA: factors per pool (E)."})
@@ -176,7 +176,7 @@ def build_adapter_model(model: nn.Module, config: TrainConfig, num_tasks: int | 
     defaults = vlm.mixlora_targets(model)
     if config.adapter == "full":  # the output layer trains with the language model
         for name, param in model.named_parameters():
-            in_language_model = "language_model" in name or "lm_head" in name
+            in_language_model = vlm.in_language_model(name) or "lm_head" in name
             in_projector = any(m in name for m in defaults["modules_to_save"]) and config.train_projector
             param.requires_grad_(in_language_model or in_projector)
         return model

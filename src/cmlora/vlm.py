@@ -5,7 +5,8 @@ model and its processor. `tiny(out_dir)` writes a real, randomly initialised LLa
 Llama language model, a byte-level BPE tokenizer trained locally, a LlavaProcessor) in the same format, so that
 `load(out_dir)` reads it like any checkpoint and nothing is downloaded. `tiny_qwen2_vl(out_dir)` does the same for
 Qwen2-VL (Qwen2-VL vision tower and patch merger, Qwen2 language model with M-RoPE, a Qwen2VLProcessor), and
-`tiny_qwen2_5_vl(out_dir)` for Qwen2.5-VL (its windowed vision tower, a Qwen2_5_VLProcessor).
+`tiny_qwen2_5_vl(out_dir)` for Qwen2.5-VL (its windowed vision tower, a Qwen2_5_VLProcessor), and
+`tiny_idefics3(out_dir)` for Idefics3 (SigLIP-style tower, pixel-shuffle connector, Llama language model).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .model import LANGUAGE_MODEL_MODULE, LANGUAGE_MODEL_PROJECTIONS
+
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The language model's projections only (the vision tower is frozen, as in the paper).
-LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(" + "|".join(PROJECTIONS) + r")$"
+LANGUAGE_MODEL_TARGETS = LANGUAGE_MODEL_PROJECTIONS
 # The module trained in full next to the adapter (LLaVA's projector), per model type.
 PROJECTOR_MODULES = {
     "llava": ["multi_modal_projector"],
@@ -66,12 +68,35 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Idefics3's special tokens (its processor reads them from the tokenizer): the image token, the tokens around each
+# image's tokens, the tag of the whole-image crop, and the end of a turn.
+IDEFICS3_TOKENS = {
+    "image_token": "<image>",
+    "fake_image_token": "<fake_token_around_image>",
+    "global_image_token": "<global-img>",
+    "end_of_utterance_token": "<end_of_utterance>",
+}
+# Idefics3's conversation format, "User:<image>question<end_of_utterance>\nAssistant: answer<end_of_utterance>\n",
+# as a chat template for the tiny processor.
+IDEFICS3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
+    "{% elif item['type'] == 'text' %}{% if message['role'] == 'assistant' %} {% endif %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 # The models whose positions are M-RoPE's (time, height, width), by model type: the class inside that computes them.
 # Their get_rope_index takes the same arguments for images; Qwen2.5-VL's also spaces video frames by
 # second_per_grid_ts, which image data never passes.
 _MROPE_MODELS = {"qwen2_vl": "Qwen2VLModel", "qwen2_5_vl": "Qwen2_5_VLModel"}
+
+
+def in_language_model(parameter_or_module_name: str) -> bool:
+    """Whether a name is inside the VLM's language model (`language_model` or `text_model`), the output layer
+    excluded."""
+    return LANGUAGE_MODEL_MODULE.search(parameter_or_module_name) is not None
 
 
 def model_type(model: nn.Module) -> str:
@@ -353,17 +378,22 @@ def tiny_qwen2_5_vl(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     return _tiny_qwen("qwen2_5_vl", out_dir, spec)
 
 
+def _merged_patch_spec(spec: TinySpec | None, builder: str) -> TinySpec:
+    """`spec` (or the default) for a model that merges 2x2 vision patches into one image token (Qwen2-VL's merger,
+    Idefics3's pixel shuffle): its image token's side must be an even number of pixels that divides the image's."""
+    spec = spec or TinySpec()
+    if spec.patch_size % 2 or spec.image_size % spec.patch_size:
+        raise ValueError(f"{builder} needs an even patch_size that divides image_size; got "
+                         f"patch_size={spec.patch_size}, image_size={spec.image_size}")
+    return spec
+
+
 def _tiny_qwen(family: str, out_dir: str | Path, spec: TinySpec | None) -> Path:
     import transformers
     from transformers import Qwen2VLImageProcessorPil
 
-    spec = spec or TinySpec()
+    spec = _merged_patch_spec(spec, f"tiny_{family}")
     merge = 2
-    if spec.patch_size % merge or spec.image_size % spec.patch_size:
-        raise ValueError(
-            f"tiny_{family} needs an even patch_size that divides image_size; got patch_size={spec.patch_size}, "
-            f"image_size={spec.image_size}"
-        )
     vision_patch = spec.patch_size // merge
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -402,6 +432,59 @@ def _tiny_qwen(family: str, out_dir: str | Path, spec: TinySpec | None) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return out
+
+
+def tiny_idefics3(out_dir: str | Path, spec: TinySpec | None = None, image_splitting: bool = False) -> Path:
+    """Write a tiny, randomly initialised Idefics3 (model + processor) to `out_dir`, loadable with `load(out_dir)`.
+
+    The vision patch is spec.patch_size // 2: the connector's pixel shuffle (scale factor 2) merges 2x2 patches into
+    one image token, so an image of image_size gives (image_size / patch_size)**2 tokens, as for the other families.
+    The processor resizes an image's longest edge to image_size. With `image_splitting`, it resizes to twice that and
+    splits the image into crops of image_size plus the whole image, as Idefics3 does with large images: an image
+    then has 1 to 5 crops, so the items of a batch differ in their number of crops.
+    """
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+
+    spec = _merged_patch_spec(spec, "tiny_idefics3")
+    scale = 2
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<unk>", "<|begin_of_text|>", "<pad>", *IDEFICS3_TOKENS.values()]
+    tokenizer = _byte_level_bpe(spec.vocab_size, specials, unk_token="<unk>", bos_token="<|begin_of_text|>",
+                                eos_token=IDEFICS3_TOKENS["end_of_utterance_token"], pad_token="<pad>",
+                                extra_special_tokens=dict(IDEFICS3_TOKENS))
+    image_tokens = (spec.image_size // spec.patch_size) ** 2
+    longest = spec.image_size * (2 if image_splitting else 1)
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=image_splitting, size={"longest_edge": longest},
+                                                max_image_size={"longest_edge": spec.image_size})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_tokens,
+                                  chat_template=IDEFICS3_CHAT_TEMPLATE)
+    vision = Idefics3VisionConfig(hidden_size=spec.vision_hidden,
+                                  intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+                                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                                  image_size=spec.image_size, patch_size=spec.patch_size // scale)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
+                       intermediate_size=spec.intermediate, num_hidden_layers=spec.text_layers,
+                       num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
+                       max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale,
+                            image_token_id=tokenizer.convert_tokens_to_ids(IDEFICS3_TOKENS["image_token"]))
+    torch.manual_seed(spec.seed)
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")

@@ -32,7 +32,9 @@ class InstructionCollator:
       batch order, as the processor itself concatenates the images of one call. LLaVA: [1, 3, H, W] per image ->
       [n, 3, H, W]; Qwen2-VL: [patches, dim] -> [sum of patches, dim] and [1, 3] -> [n, 3]; LLaVA-NeXT: [1, 2]
       image_sizes -> [n, 2], and pixel_values [1, patches, 3, H, W] whose patch counts differ are zero-padded to
-      the largest, as its processor pads them (the model drops the padding using image_sizes).
+      the largest, as its processor pads them (the model drops the padding using image_sizes); Idefics3:
+      pixel_values [1, crops, 3, H, W] and pixel_attention_mask [1, crops, H, W] zero-padded the same way (the
+      model drops all-zero crops).
 
     Items without an image contribute nothing to the per-image tensors, so image i of the batch belongs to the i-th
     row that has image tokens: the order in which LLaVA and Qwen2-VL fill image tokens (and Qwen2-VL walks
@@ -233,7 +235,7 @@ def _concatenate_per_image(items: Sequence[dict[str, Any]], key: str) -> torch.T
         raise ValueError(f"{key!r}: items have different numbers of dimensions {[p.dim() for p in parts]}")
     if all(part.shape[1:] == parts[0].shape[1:] for part in parts):
         return torch.cat(parts)
-    # Only LLaVA-NeXT-style inputs vary beyond dim 0 (patches per image): zero-pad to the largest.
+    # Only LLaVA-NeXT's patches and Idefics3's crops per image vary beyond dim 0: zero-pad to the largest.
     shape = [max(part.shape[dim] for part in parts) for dim in range(1, parts[0].dim())]
     out = parts[0].new_zeros((sum(len(part) for part in parts), *shape))
     start = 0

@@ -1,0 +1,121 @@
+"""Idefics3 through the data pipeline and training: its items (pixel_values [1, crops, 3, H, W] with a
+pixel_attention_mask), batches whose images differ in their number of crops, packed rows, and training a tiny
+Idefics3 end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import cmlora
+from cmlora import vlm
+from cmlora.data import InstructionCollator, InstructionDataset
+from cmlora.train import TrainConfig, build_adapter_model, load_run, resolve_template
+
+from .data_helpers import (
+    assert_each_row_is_its_item_alone,
+    assert_packed_training_gives_the_padded_weights,
+    assert_same_loss_and_gradients,
+    losses_and_gradients,
+    mixed_records,
+)
+from .test_data_dataset import packed_items
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["whole", "split"])
+def idefics(request, tmp_path_factory):
+    """Without and with image splitting: one crop per image, or 1-5 crops (the records' 40x30 and 24x48 images)."""
+    path = vlm.tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"), image_splitting=request.param)
+    model, processor = vlm.load(path)
+    return model.eval(), processor, path
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return mixed_records(tmp_path_factory.mktemp("data"))
+
+
+def test_tiny_idefics3_is_a_standard_idefics3_folder(idefics):
+    from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
+
+    model, processor, _ = idefics
+    assert isinstance(model, Idefics3ForConditionalGeneration) and isinstance(processor, Idefics3Processor)
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
+    prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "what colour?"}]}], add_generation_prompt=True)
+    assert prompt == "User:<image>what colour?<end_of_utterance>\nAssistant:"
+    inputs = processor(images=[[Image.new("RGB", (32, 32), "red")]], text=[prompt], return_tensors="pt")
+    crops = inputs["pixel_values"].shape[1]
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 4 * crops  # 4 tokens per crop
+    assert resolve_template("auto", model, processor) == "chat"
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
+@torch.no_grad()
+def test_a_mixed_idefics3_batch_matches_each_item_alone(idefics, records, template):
+    model, processor, _ = idefics
+    dataset = InstructionDataset(records, processor, template=template)
+    items = [dataset[0], dataset[1], dataset[2]]  # image, text only, image
+    assert items[0]["pixel_values"].shape[2:] == (3, 32, 32) and items[1]["pixel_values"] is None
+    collate = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None)
+    batch = collate(items)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "pixel_attention_mask"}
+    # as the processor batches the two images itself: crops zero-padded to the image with the most
+    own = processor(images=[[Image.open(r.image).convert("RGB")] for r in (records[0], records[2])],
+                    text=["<image>", "<image>"], padding=True, return_tensors="pt")
+    torch.testing.assert_close(batch["pixel_values"], own["pixel_values"], atol=0, rtol=0)
+    assert torch.equal(batch["pixel_attention_mask"], own["pixel_attention_mask"])
+    output = model(**batch)
+    assert torch.isfinite(output.loss)
+    assert_each_row_is_its_item_alone(model, collate, items, output.logits)
+
+
+def test_split_images_differ_in_their_number_of_crops(idefics, records):
+    """What the batch tests above cover: with splitting, the 40x30 image is 2x2 crops and the whole image, the 24x48
+    one 1x2 and the whole image, so their batch pads the second with zero crops."""
+    _, processor, _ = idefics
+    dataset = InstructionDataset(records, processor)
+    crops = [dataset[index]["pixel_values"].shape[1] for index in (0, 2)]
+    assert crops == ([5, 3] if processor.image_processor.do_image_splitting else [1, 1])
+
+
+def test_a_packed_idefics3_batch_gives_the_padded_batchs_loss_and_gradients(idefics, records):
+    model, processor, _ = idefics
+    items = packed_items(InstructionDataset(records, processor))
+    padded = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None)(items)
+    packed = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None,
+                                 pack_width=max(len(item["input_ids"]) for item in items) * 3)(items)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    # Without position ids transformers sees one sequence per row: the items attend to each other.
+    results = losses_and_gradients(model, {"padded": padded, "packed": packed,
+                                           "leaking": {k: v for k, v in packed.items() if k != "position_ids"}})
+    assert_same_loss_and_gradients(results["packed"], results["padded"])
+    assert abs(results["leaking"][0] - results["padded"][0]) > 1e-4
+
+
+@pytest.mark.parametrize("adapter", ["lora", "mixlora"])
+def test_pack_sequences_trains_a_tiny_idefics3_to_the_padded_runs_weights(idefics, tmp_path, adapter):
+    _, _, path = idefics
+    run = assert_packed_training_gives_the_padded_weights(path, tmp_path, adapter)
+    assert any("connector" in name for name in load_file(run / "adapter" / "adapter_model.safetensors"))
+    model, processor = load_run(run)
+    assert isinstance(model.base_model, cmlora.MixLoraModel) == (adapter == "mixlora")
+    prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What colour is the image?"}]}], add_generation_prompt=True)
+    inputs = processor(images=[[Image.new("RGB", (32, 32), "red")]], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 1 and 0 < out.shape[1] - inputs["input_ids"].shape[1] <= 3
+
+
+def test_full_fine_tuning_trains_idefics3s_text_model_and_connector_not_its_vision_model(tmp_path):
+    """Idefics3's language model is `text_model`, not `language_model`: the adapters and full fine-tuning find it."""
+    model, _ = vlm.load(vlm.tiny_idefics3(tmp_path / "tiny"))
+    build_adapter_model(model, TrainConfig(adapter="full"))
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    text = {name for name, _ in model.named_parameters() if ".text_model." in name}
+    assert text and text <= trainable
+    assert "lm_head.weight" in trainable and any(".connector." in name for name in trainable)
+    assert not any(".vision_model." in name for name in trainable)
