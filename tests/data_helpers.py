@@ -96,6 +96,24 @@ def assert_packed_training_gives_the_padded_weights(model_dir, tmp_path: Path, a
     return runs[True]
 
 
+def assert_packed_batch_is_the_padded_batch(model, pad_token_id: int, items: list) -> dict:
+    """Packed into rows three items wide, `items` (records of a model with one position per token) give the padded
+    batch's loss and gradients in fewer rows; with positions that run on through a row, the items would attend to
+    each other and the loss moves (the check can fail). Returns the packed batch."""
+    from cmlora.data import InstructionCollator
+
+    padded = InstructionCollator(pad_token_id, task_ids_key=None)(items)
+    packed = InstructionCollator(pad_token_id, task_ids_key=None,
+                                 pack_width=max(len(item["input_ids"]) for item in items) * 3)(items)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    positions = torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])
+    results = losses_and_gradients(model, {"padded": padded, "packed": packed,
+                                           "leaking": {**packed, "position_ids": positions}})
+    assert_same_loss_and_gradients(results["packed"], results["padded"])
+    assert abs(results["leaking"][0] - results["padded"][0]) > 1e-4
+    return packed
+
+
 def assert_each_row_is_its_item_alone(model, collate, items, batch_logits) -> None:
     """Right padding + causal attention: each row's logits over its item equal the item's collated alone."""
     for row, item in enumerate(items):

@@ -1,6 +1,6 @@
-"""The data pipeline beyond LLaVA: Qwen2-VL and Qwen2.5-VL items and batches (mm_token_type_ids, image_grid_thw,
-patch-flattened pixel_values), their packed rows (M-RoPE positions per record), LLaVA-NeXT's image_sizes and padded
-patches, and training a tiny Qwen2-VL and Qwen2.5-VL end to end. Every test of a `qwen` fixture runs on both
+"""Qwen2-VL and Qwen2.5-VL through the data pipeline: items and batches (mm_token_type_ids, image_grid_thw,
+patch-flattened pixel_values), their packed rows (M-RoPE positions per record), and training a tiny Qwen2-VL and
+Qwen2.5-VL end to end. Every test of a `qwen` fixture runs on both
 families: they share the processor's inputs and the M-RoPE layout, and differ in the vision tower."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from PIL import Image
 
 import cmlora
 from cmlora import vlm
-from cmlora.data import TEMPLATES, InstructionCollator, InstructionDataset, Turn, load_records
+from cmlora.data import TEMPLATES, InstructionCollator, InstructionDataset, Turn
 from cmlora.data.collator import pack_rows
 from cmlora.train import TrainConfig, load_run, resolve_template, train
 
@@ -21,10 +21,6 @@ from .data_helpers import (
     assert_same_loss_and_gradients,
     losses_and_gradients,
     mixed_records,
-    save_image,
-    text_record,
-    vf_record,
-    write_jsonl,
 )
 from .synthetic_data import write_records
 from .test_data_dataset import labelled_runs, packed_items
@@ -192,57 +188,6 @@ def test_packed_rope_index_is_for_m_rope_models_and_checked_by_the_collator(qwen
                                rope_index=lambda ids, types, grid: torch.arange(len(ids))[None])
     with pytest.raises(ValueError, match=r"rope_index gave positions of shape \(1, \d+\), not \(3, \d+\)"):
         flat([item])
-
-
-# ----------------------------------------------------------------- LLaVA-NeXT: image_sizes, padded patches
-def tiny_llava_next():
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
-
-    tokenizer = vlm.tiny_tokenizer()
-    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                                 image_grid_pinpoints=pinpoints)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=16, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
-                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                             vision_feature_layer=-2, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    return LlavaNextForConditionalGeneration(config).eval(), processor
-
-
-@torch.no_grad()
-def test_llava_next_image_sizes_and_patch_counts_travel_with_their_rows(tmp_path):
-    model, processor = tiny_llava_next()
-    save_image(tmp_path / "wide.png", (255, 0, 0), (40, 30))  # base + 2 grid crops = 3 patches
-    save_image(tmp_path / "square.png", (0, 0, 255), (60, 60))  # base + 4 grid crops = 5 patches
-    rows = [vf_record("a", "wide.png"), text_record("t"), vf_record("b", "square.png", "shape")]
-    records, _ = load_records(write_jsonl(tmp_path / "d.jsonl", rows))
-    dataset = InstructionDataset(records, processor)
-    items = [dataset[0], dataset[1], dataset[2]]
-    assert items[0]["pixel_values"].shape[:2] == (1, 3) and items[2]["pixel_values"].shape[:2] == (1, 5)
-    collate = InstructionCollator(processor.tokenizer.pad_token_id, task_ids_key=None)
-    batch = collate(items)
-    # as the processor batches the two images itself: image_sizes stacked, patch counts zero-padded to the largest
-    own = processor(images=[Image.open(r.image) for r in (records[0], records[2])], text=["<image>", "<image>"],
-                    padding=True, return_tensors="pt")
-    assert torch.equal(batch["image_sizes"], own["image_sizes"])
-    assert batch["image_sizes"].tolist() == [[30, 40], [60, 60]]
-    torch.testing.assert_close(batch["pixel_values"], own["pixel_values"], atol=0, rtol=0)
-    output = model(**batch)
-    assert torch.isfinite(output.loss)
-    assert_each_row_is_its_item_alone(model, collate, items, output.logits)
 
 
 # ----------------------------------------------------------------- training end to end

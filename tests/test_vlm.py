@@ -20,14 +20,15 @@ from cmlora.vlm import (
     mixlora_targets,
     tiny,
     tiny_idefics3,
+    tiny_llava_next,
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
     tiny_tokenizer,
 )
 
 VISION_TOWERS = ("vision_tower", "visual", "vision_model")
-PROJECTORS = {"llava": "multi_modal_projector", "qwen2_vl": "visual.merger", "qwen2_5_vl": "visual.merger",
-              "idefics3": "connector"}
+PROJECTORS = {"llava": "multi_modal_projector", "llava_next": "multi_modal_projector", "qwen2_vl": "visual.merger",
+              "qwen2_5_vl": "visual.merger", "idefics3": "connector"}
 # Per Qwen family: the model and processor classes `load` gives, and the processor class a saved folder declares.
 QWEN_CLASSES = {"qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
                 "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")}
@@ -64,7 +65,8 @@ def generation_inputs(processor) -> dict:
     return dict(processor(images=[image()], text=[prompt], return_tensors="pt"))
 
 
-BUILDERS = {"llava": tiny, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "idefics3": tiny_idefics3}
+BUILDERS = {"llava": tiny, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl,
+            "idefics3": tiny_idefics3}
 
 
 @pytest.fixture(scope="module")

@@ -38,10 +38,11 @@ from .layer import MixLoraLayer
 
 ADAPTERS = ("mixlora", "lora", "full")
 # Models whose forward takes packed rows (InstructionCollator's pack_width): image features filled into the image
-# tokens in order, and positions that restart per record: one per token (LLaVA, Idefics3), or Qwen2-VL's and
-# Qwen2.5-VL's 3-D M-RoPE positions, computed per record by vlm.packed_rope_index after the text positions
-# transformers reads the boundaries from.
-PACKABLE_MODEL_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3")
+# tokens in order, and positions that restart per record: one per token (LLaVA, LLaVA-NeXT, Idefics3), or
+# Qwen2-VL's and Qwen2.5-VL's 3-D M-RoPE positions, computed per record by vlm.packed_rope_index after the text
+# positions transformers reads the boundaries from. Every supported family today, each tested on its tiny model; a
+# family added to vlm.SUPPORTED_MODEL_TYPES stays refused here until its packed rows are tested too.
+PACKABLE_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3")
 
 
 @dataclass
@@ -75,8 +76,8 @@ class TrainConfig:
     pack_sequences: bool = field(default=False, metadata={
         "help": "Pack each batch's records into rows of up to max_length tokens, attention kept within each record "
                 "(position ids restart per record): the padded batch's loss and gradients for fewer tokens computed, "
-                "where lengths vary. LLaVA, Qwen2-VL, Qwen2.5-VL and Idefics3 models; every adapter (MixLoRA routes "
-                "each packed record as one instance; not with pooling 'reference')."})
+                "where lengths vary. Every supported family (vlm.SUPPORTED_MODEL_TYPES); every adapter (MixLoRA "
+                "routes each packed record as one instance; not with pooling 'reference')."})
     # adapter
     r: int = field(default=4, metadata={"help": "Rank (LoRA) / factors selected per instance (MixLoRA)."})
     num_factors: int = field(default=16, metadata={"help": "MixLoRA: factors per pool (E)."})

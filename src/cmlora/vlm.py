@@ -3,10 +3,10 @@
 `load(name_or_path)` reads any Hugging Face checkpoint folder (or hub id) of a supported family and returns the
 model and its processor. `tiny(out_dir)` writes a real, randomly initialised LLaVA (CLIP-style vision tower,
 Llama language model, a byte-level BPE tokenizer trained locally, a LlavaProcessor) in the same format, so that
-`load(out_dir)` reads it like any checkpoint and nothing is downloaded. `tiny_qwen2_vl(out_dir)` does the same for
-Qwen2-VL (Qwen2-VL vision tower and patch merger, Qwen2 language model with M-RoPE, a Qwen2VLProcessor), and
-`tiny_qwen2_5_vl(out_dir)` for Qwen2.5-VL (its windowed vision tower, a Qwen2_5_VLProcessor), and
-`tiny_idefics3(out_dir)` for Idefics3 (SigLIP-style tower, pixel-shuffle connector, Llama language model).
+`load(out_dir)` reads it like any checkpoint and nothing is downloaded. The other supported families have theirs:
+`tiny_llava_next` (LLaVA-NeXT's any-resolution tiles), `tiny_qwen2_vl` (Qwen2-VL vision tower and patch merger,
+Qwen2 language model with M-RoPE, a Qwen2VLProcessor), `tiny_qwen2_5_vl` (Qwen2.5-VL's windowed vision tower, a
+Qwen2_5_VLProcessor) and `tiny_idefics3` (SigLIP-style tower, pixel-shuffle connector, Llama language model).
 """
 
 from __future__ import annotations
@@ -299,6 +299,27 @@ def tiny_qwen2_vl_tokenizer(vocab_size: int = 512) -> Any:
                            pad_token="<|endoftext|>", extra_special_tokens=dict(QWEN2_VL_TOKENS))
 
 
+def _clip_vision_config(spec: TinySpec) -> Any:
+    """The CLIP-style vision tower of the tiny LLaVA and LLaVA-NeXT."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=spec.vision_hidden,
+                            intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+                            num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                            image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden)
+
+
+def _llama_config(spec: TinySpec, tokenizer: Any) -> Any:
+    """The Llama language model of the tiny LLaVA, LLaVA-NeXT and Idefics3."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
+                       intermediate_size=spec.intermediate, num_hidden_layers=spec.text_layers,
+                       num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
+                       max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
 def tiny(out_dir: str | Path, spec: TinySpec | None = None, corpus: Sequence[str] | None = None) -> Path:
     """Write a tiny, randomly initialised LLaVA (model + processor) to `out_dir`, loadable with `load(out_dir)`.
 
@@ -306,8 +327,6 @@ def tiny(out_dir: str | Path, spec: TinySpec | None = None, corpus: Sequence[str
     """
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -324,22 +343,52 @@ def tiny(out_dir: str | Path, spec: TinySpec | None = None, corpus: Sequence[str
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=VICUNA_CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden,
-                              intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
-                              num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-                              image_size=spec.image_size, patch_size=spec.patch_size,
-                              projection_dim=spec.vision_hidden)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
-                       intermediate_size=spec.intermediate, num_hidden_layers=spec.text_layers,
-                       num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
-                       max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision, text = _clip_vision_config(spec), _llama_config(spec, tokenizer)
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          image_seq_length=image_tokens, vision_feature_layer=spec.vision_feature_layer,
                          vision_feature_select_strategy="default")
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return out
+
+
+def tiny_llava_next(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
+    """Write a tiny, randomly initialised LLaVA-NeXT (model + processor) to `out_dir`, loadable with `load(out_dir)`.
+
+    As `tiny`, with LLaVA-NeXT's any-resolution images: grid pinpoints of 1x1, 1x2, 2x1 and 2x2 tiles of image_size,
+    so an image is the whole image resized plus 1 to 4 tiles, and its number of image tokens follows its aspect
+    ratio (the processor's image_sizes tell the model how to unpad it).
+    """
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    spec = spec or TinySpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_tokenizer(spec.vocab_size, fold_case=spec.fold_case)
+    side = spec.image_size
+    pinpoints = [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": side},
+                                                 crop_size={"height": side, "width": side},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=VICUNA_CHAT_TEMPLATE)
+    vision, text = _clip_vision_config(spec), _llama_config(spec, tokenizer)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
+                             image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                             vision_feature_layer=spec.vision_feature_layer, vision_feature_select_strategy="default")
+    torch.manual_seed(spec.seed)
+    model = LlavaNextForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -453,7 +502,6 @@ def tiny_idefics3(out_dir: str | Path, spec: TinySpec | None = None, image_split
         Idefics3ImageProcessorPil,
         Idefics3Processor,
         Idefics3VisionConfig,
-        LlamaConfig,
     )
 
     spec = _merged_patch_spec(spec, "tiny_idefics3")
@@ -474,11 +522,7 @@ def tiny_idefics3(out_dir: str | Path, spec: TinySpec | None = None, image_split
                                   intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
                                   num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
                                   image_size=spec.image_size, patch_size=spec.patch_size // scale)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
-                       intermediate_size=spec.intermediate, num_hidden_layers=spec.text_layers,
-                       num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
-                       max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text = _llama_config(spec, tokenizer)
     config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale,
                             image_token_id=tokenizer.convert_tokens_to_ids(IDEFICS3_TOKENS["image_token"]))
     torch.manual_seed(spec.seed)
