@@ -21,10 +21,11 @@ from .layer import MERGE_ERROR, Linear, MixLoraLayer
 _PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # A VLM's language model, by the name of its module: `language_model` (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL,
 # PaliGemma) or `text_model` (Idefics3, SmolVLM).
-LANGUAGE_MODEL_MODULE = re.compile(r"(?:^|\.)(?:language_model|text_model)\.")
+_LANGUAGE_MODEL = r"(?:^|\.)(?:language_model|text_model)\."
+LANGUAGE_MODEL_MODULE = re.compile(_LANGUAGE_MODEL)
 # VLMs: the language model's projections only. Plain suffixes would also hit the vision tower (CLIP has q_proj,
 # k_proj, v_proj; Qwen2.5-VL's vision MLP has gate/up/down_proj; Idefics3's SigLIP q_proj, k_proj, v_proj).
-LANGUAGE_MODEL_PROJECTIONS = r".*(?:^|\.)(?:language_model|text_model)\..*\.(" + "|".join(_PROJECTIONS) + r")$"
+LANGUAGE_MODEL_PROJECTIONS = r".*" + _LANGUAGE_MODEL + r".*\.(" + "|".join(_PROJECTIONS) + r")$"
 DEFAULT_TARGET_MODULES: dict[str, Any] = {
     **{name: _PROJECTIONS for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite")},
     **{name: LANGUAGE_MODEL_PROJECTIONS

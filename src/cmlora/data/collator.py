@@ -42,21 +42,21 @@ class InstructionCollator:
 
     With `pack_width`, the items are packed into rows of at most `pack_width` tokens instead (first fit, longest
     first), each item's position ids restarting at 0, and the batch has position_ids and use_cache=False in place of
-    attention_mask. transformers then reads the item boundaries from the position ids and keeps attention within each
-    item (`masking_utils.find_packed_sequence_indices`; it does so only without an attention mask and a KV cache), so
-    loss and gradients are those of the padded batch, for the tokens of the items alone: padding costs compute in
-    proportion to the batch's longest item, and a short-answer task mixed with long descriptions is mostly padding.
-    The tail of a row is padding with position ids of its own (a block that attends to itself, never labelled).
-    Images follow the items in the order their image tokens appear, row by row. Per-token processor inputs are packed
-    as input_ids are (0 on a row's tail). Models with one position per token (LLaVA) need nothing more; models whose
-    positions are 3-D (Qwen2-VL's and Qwen2.5-VL's M-RoPE, marked by their per-token mm_token_type_ids) need
-    `rope_index` (`cmlora.vlm.packed_rope_index(model)`), which gives each item's own [3, length] positions:
-    position_ids are then [4, rows, width], the restarting text positions first (where transformers reads the item
-    boundaries) and the items' M-RoPE positions after, the layout both models' forward takes for packed rows.
-    Per-token inputs without `rope_index` are refused, since the positions the model would compute per row would be
-    wrong. For MixLoRA, `segment_ids_key` adds the record of each position ([rows, width], the items' indices, -1 on
-    padding), so that it routes each record as one instance; task ids then stay one per item, in item order. Without
-    segment ids, task ids with packing are refused (they would be per row).
+    attention_mask. transformers then reads the item boundaries from the position ids and keeps attention within
+    each item (`masking_utils.find_packed_sequence_indices`; it does so only without an attention mask and a KV
+    cache), so loss and gradients are those of the padded batch, for the tokens of the items alone: padding costs
+    compute in proportion to the batch's longest item, and a short-answer task mixed with long descriptions is
+    mostly padding. The tail of a row is padding with position ids of its own (a block that attends to itself, never
+    labelled). Images follow the items in the order their image tokens appear, row by row. Per-token processor
+    inputs are packed as input_ids are (0 on a row's tail). Models with one position per token (LLaVA, LLaVA-NeXT,
+    Idefics3) need nothing more; models whose positions are 3-D (Qwen2-VL's and Qwen2.5-VL's M-RoPE, marked by their
+    per-token mm_token_type_ids) need `rope_index` (`cmlora.vlm.packed_rope_index(model)`), which gives each item's
+    own [3, length] positions: position_ids are then [4, rows, width], the restarting text positions first (where
+    transformers reads the item boundaries) and the items' M-RoPE positions after, the layout both models' forward
+    takes for packed rows. Per-token inputs without `rope_index` are refused, since the positions the model would
+    compute per row would be wrong. For MixLoRA, `segment_ids_key` adds the record of each position ([rows, width],
+    the items' indices, -1 on padding), so that it routes each record as one instance; task ids then stay one per
+    item, in item order. Without segment ids, task ids with packing are refused (they would be per row).
     """
 
     def __init__(self, pad_token_id: int, *, task_ids_key: str | None = "mixlora_task_ids",
