@@ -25,8 +25,6 @@ from torch import nn
 from .model import LANGUAGE_MODEL_MODULE, LANGUAGE_MODEL_PROJECTIONS
 
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3")
-# The language model's projections only (the vision tower is frozen, as in the paper).
-LANGUAGE_MODEL_TARGETS = LANGUAGE_MODEL_PROJECTIONS
 # The module trained in full next to the adapter (LLaVA's projector), per model type.
 PROJECTOR_MODULES = {
     "llava": ["multi_modal_projector"],
@@ -196,7 +194,8 @@ def mixlora_targets(model: nn.Module) -> dict[str, Any]:
     kind = model_type(model)
     if kind not in PROJECTOR_MODULES:
         raise ValueError(f"no default targets for model type {kind!r}; supported: {sorted(PROJECTOR_MODULES)}")
-    return {"target_modules": LANGUAGE_MODEL_TARGETS, "modules_to_save": list(PROJECTOR_MODULES[kind])}
+    # The language model's projections only (the vision tower is frozen, as in the paper).
+    return {"target_modules": LANGUAGE_MODEL_PROJECTIONS, "modules_to_save": list(PROJECTOR_MODULES[kind])}
 
 
 @dataclass
@@ -320,6 +319,20 @@ def _llama_config(spec: TinySpec, tokenizer: Any) -> Any:
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
+def _save_tiny(model_class: type, config: Any, processor: Any, spec: TinySpec, out: Path,
+               **generation: Any) -> Path:
+    """Build `model_class(config)` from spec.seed, set its generation config's `generation` ids, and save it with
+    the processor and the spec (tiny_spec.json) to `out`, in the family's checkpoint format."""
+    torch.manual_seed(spec.seed)
+    model = model_class(config)
+    for key, value in generation.items():
+        setattr(model.generation_config, key, value)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return out
+
+
 def tiny(out_dir: str | Path, spec: TinySpec | None = None, corpus: Sequence[str] | None = None) -> Path:
     """Write a tiny, randomly initialised LLaVA (model + processor) to `out_dir`, loadable with `load(out_dir)`.
 
@@ -348,13 +361,7 @@ def tiny(out_dir: str | Path, spec: TinySpec | None = None, corpus: Sequence[str
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          image_seq_length=image_tokens, vision_feature_layer=spec.vision_feature_layer,
                          vision_feature_select_strategy="default")
-    torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
-    return out
+    return _save_tiny(LlavaForConditionalGeneration, config, processor, spec, out, pad_token_id=tokenizer.pad_token_id)
 
 
 def tiny_llava_next(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
@@ -387,13 +394,8 @@ def tiny_llava_next(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
                              image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                              vision_feature_layer=spec.vision_feature_layer, vision_feature_select_strategy="default")
-    torch.manual_seed(spec.seed)
-    model = LlavaNextForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
-    return out
+    return _save_tiny(LlavaNextForConditionalGeneration, config, processor, spec, out,
+                      pad_token_id=tokenizer.pad_token_id)
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -476,15 +478,8 @@ def _tiny_qwen(family: str, out_dir: str | Path, spec: TinySpec | None) -> Path:
     config = getattr(transformers, f"{prefix}Config")(
         vision_config=vision, text_config=text, image_token_id=ids["image_token"], video_token_id=ids["video_token"],
         vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
-    torch.manual_seed(spec.seed)
-    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = None
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
-    return out
+    return _save_tiny(getattr(transformers, f"{prefix}ForConditionalGeneration"), config, processor, spec, out,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
 
 
 def tiny_idefics3(out_dir: str | Path, spec: TinySpec | None = None, image_splitting: bool = False) -> Path:
@@ -525,11 +520,5 @@ def tiny_idefics3(out_dir: str | Path, spec: TinySpec | None = None, image_split
     text = _llama_config(spec, tokenizer)
     config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale,
                             image_token_id=tokenizer.convert_tokens_to_ids(IDEFICS3_TOKENS["image_token"]))
-    torch.manual_seed(spec.seed)
-    model = Idefics3ForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
-    return out
+    return _save_tiny(Idefics3ForConditionalGeneration, config, processor, spec, out,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
