@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -341,3 +342,35 @@ def test_lora_plus_ratio_is_checked():
         TrainConfig(adapter="lora", lora_plus_ratio=0.0)
     with pytest.raises(ValueError, match="not 'full'"):
         TrainConfig(adapter="full", lora_plus_ratio=4.0)
+
+
+def epoch_tasks(workspace, name, **overrides):
+    """The task of every record one epoch of a MixLoRA run's training loader gives (batches carry task ids)."""
+    from transformers import TrainerCallback
+
+    from cmlora.context import TASK_IDS_KWARG
+
+    class Capture(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            self.loader = train_dataloader
+
+    capture = Capture()
+    run = train(tiny_config(workspace, name, adapter="mixlora", routing="task", max_steps=1, save_steps=100,
+                            **overrides), callbacks=[capture])
+    names = json.loads((run / "task_names.json").read_text())
+    return Counter(names[i] for batch in capture.loader for i in batch[TASK_IDS_KWARG].tolist())
+
+
+def test_task_weights_move_the_mix_of_an_epoch_not_its_length(workspace, capsys):
+    assert epoch_tasks(workspace, "unweighted") == {"colour": 8, "yes_no": 8}
+    assert epoch_tasks(workspace, "weighted", task_weights={"colour": 3}) == {"colour": 12, "yes_no": 4}
+    assert "task_weights, records -> draws an epoch: colour 8 -> 12; each other task's records drawn 0.50" in (
+        capsys.readouterr().out)
+    assert parse_overrides(["--task_weights", "{colour: 3, yes_no: 0.5}"]) == {
+        "task_weights": {"colour": 3, "yes_no": 0.5}}
+    with pytest.raises(ValueError, match=r"train\.json: task_weights: no training record has task_name \['color'\]"):
+        train(tiny_config(workspace, "typo", adapter="lora", max_steps=1, task_weights={"color": 3}))
+    with pytest.raises(ValueError, match="two samplers"):
+        tiny_config(workspace, "both", task_weights={"colour": 3}, group_by_length=True)
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        tiny_config(workspace, "empty", task_weights={})

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from torch import nn
 from . import vlm
 from .config import MixLoraConfig
 from .context import SEGMENT_IDS_KWARG, TASK_IDS_KWARG
+from .data.sampling import TaskWeightedSampler, check_task_weights, expected_draws
 from .layer import MixLoraLayer
 
 ADAPTERS = ("mixlora", "lora", "full")
@@ -73,6 +75,11 @@ class TrainConfig:
     group_by_length: bool = field(default=False, metadata={
         "help": "Batch records of similar token length together (transformers' LengthGroupedSampler): less "
                 "padding where lengths vary, e.g. short tasks mixed with long replay conversations."})
+    task_weights: dict[str, float] | None = field(default=None, metadata={
+        "help": "Sampling weight per task_name, e.g. {digit_sum: 3}: each record of a task of weight w is drawn w "
+                "times as often as a record of weight 1 (tasks not named, replay records' task 'pretrain' "
+                "included, weigh 1). An epoch keeps its length, so the steps and the schedule stay the unweighted "
+                "run's and only the mix moves (cmlora.data.sampling). Not with group_by_length."})
     pack_sequences: bool = field(default=False, metadata={
         "help": "Pack each batch's records into rows of up to max_length tokens, attention kept within each record "
                 "(position ids restart per record): the padded batch's loss and gradients for fewer tokens computed, "
@@ -129,6 +136,13 @@ class TrainConfig:
         if isinstance(self.replay_data, list) and not (self.replay_data and all(
                 isinstance(path, str) for path in self.replay_data)):
             raise ValueError(f"replay_data must be a file or a non-empty list of files, got {self.replay_data!r}")
+        if self.task_weights is not None:
+            if not isinstance(self.task_weights, dict) or not self.task_weights:
+                raise ValueError(f"task_weights must be a non-empty mapping of task_name: weight, got "
+                                 f"{self.task_weights!r}")
+            check_task_weights(self.task_weights)
+            if self.group_by_length:
+                raise ValueError("task_weights and group_by_length are two samplers; choose one")
         if self.pack_sequences and self.adapter == "mixlora" and self.pooling == "reference":
             raise ValueError("pack_sequences with MixLoRA pools each packed record over its own positions; "
                              "pooling 'reference' averages a padded row, padding included. Use pooling 'prompt' or "
@@ -293,13 +307,14 @@ def lora_plus_groups(named_parameters: Any, learning_rate: float, ratio: float, 
             for (b_side, decayed), params in sorted(groups.items())]
 
 
-def _trainer_class(lora_plus_ratio: float | None = None) -> type:
+def _trainer_class(lora_plus_ratio: float | None = None, task_weights: dict[str, float] | None = None) -> type:
     from transformers import Trainer
 
     class CmloraTrainer(Trainer):
         """Trainer that adds MixLoRA's router statistics to every log line, gives length-grouped sampling the
-        token lengths `InstructionDataset.validate` measured (transformers would encode every record again), and
-        with `lora_plus_ratio` builds LoRA+'s two learning rates into the optimizer Trainer would build."""
+        token lengths `InstructionDataset.validate` measured (transformers would encode every record again), with
+        `task_weights` draws each epoch by task weight (`TaskWeightedSampler`), and with `lora_plus_ratio` builds
+        LoRA+'s two learning rates into the optimizer Trainer would build."""
 
         def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
             if lora_plus_ratio is None or self.optimizer is not None:
@@ -314,6 +329,8 @@ def _trainer_class(lora_plus_ratio: float | None = None) -> type:
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if task_weights is not None:
+                return TaskWeightedSampler(record_tasks(dataset), task_weights, seed=self.args.data_seed)
             lengths = getattr(dataset, "lengths", None)
             if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
                 return super()._get_train_sampler(train_dataset)
@@ -395,6 +412,8 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
         skip_counts[reason] = skip_counts.get(reason, 0) + count
     if skip_counts:
         print(f"[cmlora] skipped {sum(skip_counts.values())} bad record(s): {skip_counts}")
+    if config.task_weights is not None:
+        report_task_weights(config, record_tasks(dataset))
     model = build_adapter_model(model, config, num_tasks=len(dataset.task_names))
     if _zero_stage(config.deepspeed) == 3:
         prepare_for_zero3(model)
@@ -405,7 +424,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
                                    pack_width=config.max_length if config.pack_sequences else None,
                                    segment_ids_key=SEGMENT_IDS_KWARG if mixlora and config.pack_sequences else None,
                                    rope_index=vlm.packed_rope_index(model) if config.pack_sequences else None)
-    trainer = _trainer_class(config.lora_plus_ratio)(
+    trainer = _trainer_class(config.lora_plus_ratio, config.task_weights)(
         model=model, args=_training_arguments(config, run_dir), train_dataset=dataset, data_collator=collator,
         callbacks=callbacks, processing_class=processor)
     checkpoints = complete_checkpoints(run_dir / "checkpoints") if resume else []
@@ -423,6 +442,26 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
         _write_run_metadata(run_dir, trainer, config, dataset.task_names,
                             {**result.metrics, "skipped_records": skip_counts, **router_statistics(trainer.model)})
     return run_dir
+
+
+def record_tasks(dataset: Any) -> list[str]:
+    """Each kept record's task name, in dataset order ("unknown" for records without one)."""
+    from .data.dataset import UNKNOWN_TASK
+
+    return [UNKNOWN_TASK if record.task_name is None else record.task_name for record in dataset.records]
+
+
+def report_task_weights(config: TrainConfig, tasks: list[str]) -> None:
+    """Check `task_weights` against the records' tasks and print each weighted task's records and draws an epoch."""
+    check_task_weights(config.task_weights, tasks, where=f"{config.data}: task_weights")
+    expected, records = Counter(), Counter(tasks)
+    for task, draws in zip(tasks, expected_draws(tasks, config.task_weights), strict=True):
+        expected[task] += draws
+    shares = ", ".join(f"{task} {records[task]} -> {expected[task]:.0f}" for task in sorted(config.task_weights))
+    others = [task for task in records if task not in config.task_weights]
+    other = (f"; each other task's records drawn {expected[others[0]] / records[others[0]]:.2f} x an epoch"
+             if others else "")
+    print(f"[cmlora] task_weights, records -> draws an epoch: {shares}{other}")
 
 
 def replay_records(config: TrainConfig, records: list[Any]) -> list[Any]:

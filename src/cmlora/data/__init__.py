@@ -12,6 +12,7 @@ from .collator import InstructionCollator
 from .dataset import InstructionDataset
 from .images import load_image
 from .records import DataError, Record, SkipReport, Turn, load_records
+from .sampling import TaskWeightedSampler
 from .templates import TEMPLATES, generation_prompt
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "InstructionDataset",
     "Record",
     "SkipReport",
+    "TaskWeightedSampler",
     "Turn",
     "load_image",
     "load_records",
