@@ -92,3 +92,35 @@ def test_blank_images_are_black_and_part_of_the_predictions_header(model_and_pro
     assert json.loads(out.read_text().splitlines()[0])["_meta"]["generation"]["blank_images"] is True
     with pytest.raises(PredictionsMismatchError, match="blank_images"):
         predict(model, processor, examples, spec, out, GenerationSettings(template="plain"), "m#0")
+
+
+def test_a_heldout_record_is_asked_with_its_image_where_the_record_puts_it(model_and_processor, tmp_path):
+    from cmlora.data import InstructionDataset, load_records
+    from cmlora.evaluation.generate import prompt_text
+
+    _, processor = model_and_processor
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "a.png")
+    first = record("f", "colour", "what colour ?", "red")
+    last = {**record("l", "colour", "what colour ?", "red"),
+            "conversations": [{"from": "human", "value": "what colour ?\n<image>"}, {"from": "gpt", "value": "red"}]}
+    bare = {**record("b", "colour", "what colour ?", "red"),
+            "conversations": [{"from": "human", "value": "what colour ?"}, {"from": "gpt", "value": "red"}]}
+    path = tmp_path / "placed.json"
+    path.write_text(json.dumps([first, last, bare]))
+    examples = records_as_examples(path)
+    assert [e.prompt for e in examples] == ["what colour ?", "what colour ?\n<image>", "what colour ?"]
+    # each prompt is the training prompt of its record, up to the answer
+    records, _ = load_records(path)
+    dataset = InstructionDataset(records, processor, template="plain", max_length=128)
+    image = Image.open(tmp_path / "a.png")
+
+    def prompt_ids(example):
+        text = prompt_text(example, spec_for("colour"), processor, "plain")
+        return processor(images=[image], text=[text], return_tensors="pt")["input_ids"][0].tolist()
+
+    for index, example in enumerate(examples):
+        item = dataset[index]
+        answer_start = int((item["labels"] != -100).nonzero()[0])
+        assert item["input_ids"][:answer_start].tolist() == prompt_ids(example), example.uid
+    first_ids, last_ids = prompt_ids(examples[0]), prompt_ids(examples[1])
+    assert first_ids != last_ids and sorted(first_ids) == sorted(last_ids)  # the same tokens, the image moved

@@ -76,8 +76,11 @@ def model_fingerprint(*folders: Path) -> str:
 
 
 def prompt_text(example: EvalExample, spec: TaskSpec, processor: Any, template: str) -> str:
+    """The generation prompt: the image first, unless the example's prompt places it (held-out records written
+    "question\n<image>"), then the question and the task's answer-format suffix."""
     question = f"{example.prompt} {spec.suffix}".strip() if spec.suffix else example.prompt
-    return generation_prompt([Turn("user", f"{IMAGE_MARKER}\n{question}")], processor, template)
+    content = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
+    return generation_prompt([Turn("user", content)], processor, template)
 
 
 def read_predictions(path: Path, header: dict[str, Any], overwrite: bool) -> dict[str, dict[str, Any]]:

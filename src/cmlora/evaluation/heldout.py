@@ -29,9 +29,19 @@ def records_as_examples(records_file: Path, image_folder: Path | None = None) ->
             raise record_error(record.source, record.id, "conversations", "a held-out record needs an image and "
                                f"exactly one question and one answer, got {len(turns)} turns", "not single-turn")
         examples.append(EvalExample(uid=record.id, task=record.task_name or "unknown", image=record.image,
-                                    prompt=turns[0].text.replace(IMAGE_MARKER, "").strip(), target=turns[1].text,
+                                    prompt=heldout_prompt(turns[0].text), target=turns[1].text,
                                     source=record.source))
     return examples
+
+
+def heldout_prompt(question: str) -> str:
+    """The question of a held-out record as the evaluation asks it: without its `<image>` marker when the image
+    comes first (the prompt's default place for it), else with the marker where the record has it, so that a
+    record written "question\n<image>", as part of LLaVA-1.5's data is, is asked as it was trained."""
+    text = question.strip()
+    if text.startswith(IMAGE_MARKER) or IMAGE_MARKER not in text:
+        return text.replace(IMAGE_MARKER, "", 1).strip()
+    return text
 
 
 def exact_match(prediction: str, target: str) -> bool:

@@ -50,7 +50,8 @@ class EvalExample:
     uid: str  # unique within its task
     task: str  # "mme" for MME; otherwise the task file's stem ("text_vqa", "pope_random", ...)
     image: Path  # absolute path, checked to exist at read time
-    prompt: str  # the question as written in the data (no answer-format suffix)
+    prompt: str  # the question as written in the data (no answer-format suffix; a held-out record that puts its
+    # image after text keeps its `<image>` marker there)
     target: str | tuple[str, ...]  # a tuple when several reference answers exist (Text-VQA)
     source: str  # "file:line", for error messages
     meta: dict[str, str] = field(default_factory=dict, hash=False)  # MME: subtask, image_id; POPE: split
