@@ -88,9 +88,9 @@ class TaskWeightedSampler(Sampler[int]):
                 if math.floor(cumulative - offset) > math.floor(before - offset) and remaining:
                     counts[index] += 1
                     remaining -= 1
-            # float rounding can leave the last crossing just short; the records with the largest fractions take it
-            for index in sorted(range(len(self)), key=lambda i: counts[i] - self.expected[i])[:remaining]:
-                counts[index] += 1
+            if remaining:  # float rounding left the last crossing just short: the largest unmet fractions take it
+                for index in sorted(range(len(self)), key=lambda i: counts[i] - self.expected[i])[:remaining]:
+                    counts[index] += 1
         return counts
 
     def __iter__(self) -> Iterator[int]:
