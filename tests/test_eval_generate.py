@@ -62,13 +62,13 @@ def test_answers_do_not_depend_on_the_batch_size(bench, tmp_path):
     assert len(set(one)) > 1  # the adapter's answers differ between examples: the comparison is not vacuous
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3"])
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"])
 @pytest.mark.parametrize("template", ["chat", "vicuna_v1"])
 def test_every_familys_answers_do_not_depend_on_the_batch_size(bench, tmp_path, family, template):
     """Left-padded batches of images of varied sizes (LLaVA-NeXT, Qwen: varied image token counts) answer as one at a
     time."""
     build = {"llava_next": vlm.tiny_llava_next, "qwen2_vl": vlm.tiny_qwen2_vl, "qwen2_5_vl": vlm.tiny_qwen2_5_vl,
-             "idefics3": vlm.tiny_idefics3}[family]
+             "idefics3": vlm.tiny_idefics3, "smolvlm": vlm.tiny_smolvlm}[family]
     model, processor = vlm.load(build(tmp_path / "tiny"))
     import peft
     model = peft.get_peft_model(model, cmlora.MixLoraConfig(num_factors=8, r=2, init_weights=False,

@@ -78,7 +78,8 @@ def test_blank_images_are_black_and_part_of_the_predictions_header(model_and_pro
         tokenizer = processor.tokenizer
 
         def __call__(self, images, **kwargs):
-            seen.extend(images)
+            assert all(len(prompt_images) == 1 for prompt_images in images)  # one list per prompt
+            seen.extend(image for prompt_images in images for image in prompt_images)
             return processor(images=images, **kwargs)
 
         def __getattr__(self, name):

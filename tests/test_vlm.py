@@ -1,5 +1,5 @@
-"""cmlora.vlm: tiny LLaVA, Qwen2-VL, Qwen2.5-VL and Idefics3 checkpoints written offline, read back with `load`, and
-adapted with MixLoRA."""
+"""cmlora.vlm: tiny LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3 and SmolVLM checkpoints written offline, read back with
+`load`, and adapted with MixLoRA."""
 
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ from cmlora.vlm import (
     tiny_llava_next,
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
+    tiny_smolvlm,
     tiny_tokenizer,
 )
 
 VISION_TOWERS = ("vision_tower", "visual", "vision_model")
 PROJECTORS = {"llava": "multi_modal_projector", "llava_next": "multi_modal_projector", "qwen2_vl": "visual.merger",
-              "qwen2_5_vl": "visual.merger", "idefics3": "connector"}
+              "qwen2_5_vl": "visual.merger", "idefics3": "connector", "smolvlm": "connector"}
 # Per Qwen family: the model and processor classes `load` gives, and the processor class a saved folder declares.
 QWEN_CLASSES = {"qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
                 "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")}
@@ -66,7 +67,7 @@ def generation_inputs(processor) -> dict:
 
 
 BUILDERS = {"llava": tiny, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl,
-            "idefics3": tiny_idefics3}
+            "idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm}
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +234,22 @@ def test_load_rejects_an_unsupported_model_type(tmp_path):
     with pytest.raises(ValueError, match="llama") as error:
         load(tmp_path)
     assert str(tmp_path) in str(error.value)
+
+
+def test_load_asks_for_num2words_before_reading_a_smolvlm_checkpoints_weights(tiny_dir, monkeypatch):
+    import transformers
+    import transformers.utils
+
+    path = tiny_dir("smolvlm")
+    monkeypatch.setattr(transformers.utils, "is_num2words_available", lambda: False)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read before the processor's requirement was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", no_weights)
+    with pytest.raises(ImportError, match=r"num2words.*cmlora\[smolvlm\]") as error:
+        load(path)
+    assert str(path) in str(error.value)
 
 
 def test_tiny_tokenizer_writes_capitals_and_digits_one_token_each():

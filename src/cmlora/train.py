@@ -40,11 +40,11 @@ from .layer import MixLoraLayer
 
 ADAPTERS = ("mixlora", "lora", "full")
 # Models whose forward takes packed rows (InstructionCollator's pack_width): image features filled into the image
-# tokens in order, and positions that restart per record: one per token (LLaVA, LLaVA-NeXT, Idefics3), or
+# tokens in order, and positions that restart per record: one per token (LLaVA, LLaVA-NeXT, Idefics3, SmolVLM), or
 # Qwen2-VL's and Qwen2.5-VL's 3-D M-RoPE positions, computed per record by vlm.packed_rope_index after the text
 # positions transformers reads the boundaries from. Every supported family today, each tested on its tiny model; a
 # family added to vlm.SUPPORTED_MODEL_TYPES stays refused here until its packed rows are tested too.
-PACKABLE_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3")
+PACKABLE_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
 
 
 @dataclass

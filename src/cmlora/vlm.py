@@ -6,7 +6,8 @@ Llama language model, a byte-level BPE tokenizer trained locally, a LlavaProcess
 `load(out_dir)` reads it like any checkpoint and nothing is downloaded. The other supported families have theirs:
 `tiny_llava_next` (LLaVA-NeXT's any-resolution tiles), `tiny_qwen2_vl` (Qwen2-VL vision tower and patch merger,
 Qwen2 language model with M-RoPE, a Qwen2VLProcessor), `tiny_qwen2_5_vl` (Qwen2.5-VL's windowed vision tower, a
-Qwen2_5_VLProcessor) and `tiny_idefics3` (SigLIP-style tower, pixel-shuffle connector, Llama language model).
+Qwen2_5_VLProcessor), `tiny_idefics3` (SigLIP-style tower, pixel-shuffle connector, Llama language model) and
+`tiny_smolvlm` (the same architecture as SmolVLM checkpoints have it, with a SmolVLMProcessor).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from .model import LANGUAGE_MODEL_MODULE, LANGUAGE_MODEL_PROJECTIONS
 
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3")
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
 # The module trained in full next to the adapter (LLaVA's projector), per model type.
 PROJECTOR_MODULES = {
     "llava": ["multi_modal_projector"],
@@ -32,11 +33,15 @@ PROJECTOR_MODULES = {
     "qwen2_vl": ["visual.merger"],
     "qwen2_5_vl": ["visual.merger"],
     "idefics3": ["connector"],
+    "smolvlm": ["connector"],
 }
 IMAGE_TOKEN = "<image>"
-# Processor classes that require a video processor, which transformers builds only with torchvision installed.
-# Without torchvision `load` gives an image-only variant of these (see `_image_only_processor_class`).
-_PROCESSORS_WITH_VIDEO = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+# Processor classes that require a video processor, which transformers builds only with torchvision installed, and
+# that video processor's class. Without torchvision `load` gives an image-only variant of these (see
+# `_image_only_processor_class`).
+_PROCESSORS_WITH_VIDEO = {"qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+                          "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+                          "smolvlm": ("SmolVLMProcessor", "SmolVLMVideoProcessor")}
 # The Vicuna-v1 conversation format of LLaVA-v1, as a chat template for the tiny processor.
 VICUNA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -84,6 +89,15 @@ IDEFICS3_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
+# SmolVLM's conversation format, as its checkpoints' chat template writes it: "<|im_start|>" once, then per turn the
+# role, ":" before an image or ": " before text, the content and <end_of_utterance>.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 # The models whose positions are M-RoPE's (time, height, width), by model type: the class inside that computes them.
 # Their get_rope_index takes the same arguments for images; Qwen2.5-VL's also spaces video frames by
@@ -131,16 +145,20 @@ def packed_rope_index(
 def load(name_or_path: str | Path, dtype: torch.dtype | str | None = None, **kwargs: Any) -> tuple[nn.Module, Any]:
     """Model and processor of a VLM checkpoint (a local folder in Hugging Face format, or a hub id).
 
-    Supported families: LLaVA (llava-hf checkpoints), LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3. The processor
-    pads as its checkpoint says (LLaVA: right); batched generation should pad prompts on the left.
+    Supported families: LLaVA (llava-hf checkpoints), LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM. The
+    processor pads as its checkpoint says (LLaVA: right); batched generation should pad prompts on the left.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.utils import is_num2words_available
 
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"{name_or_path}: model type {config.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}."
         )
+    if config.model_type == "smolvlm" and not is_num2words_available():  # before the weights, not after
+        raise ImportError(f"{name_or_path}: SmolVLM's processor needs the num2words package: "
+                          "pip install 'cmlora[smolvlm]' (or num2words).")
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype or "auto", **kwargs)
     processor = _load_processor(name_or_path, config.model_type)
     return model, processor
@@ -151,42 +169,50 @@ def _load_processor(name_or_path: str | Path, kind: str) -> Any:
     from transformers.utils import is_torchvision_available
 
     if kind in _PROCESSORS_WITH_VIDEO and not is_torchvision_available():
-        return _image_only_processor_class(_PROCESSORS_WITH_VIDEO[kind]).from_pretrained(name_or_path)
+        return _image_only_processor_class(*_PROCESSORS_WITH_VIDEO[kind]).from_pretrained(name_or_path)
     return AutoProcessor.from_pretrained(name_or_path)
 
 
 @functools.cache
-def _image_only_processor_class(name: str) -> type:
-    """`transformers.<name>` (Qwen2VLProcessor, Qwen2_5_VLProcessor) without its video processor.
+def _image_only_processor_class(name: str, video_processor_type: str) -> type:
+    """`transformers.<name>` (Qwen2VLProcessor, Qwen2_5_VLProcessor, SmolVLMProcessor) without its video processor.
 
     transformers builds those processors only with a video processor, and its video processors need torchvision,
     which cmlora does not require. The subclass drops the `video_processor` argument; images and text work as in
-    the original (its __call__ skips videos when the attribute is absent). It keeps the original's class name, so a
+    the original (its __call__ skips videos when the attribute is absent), and so do chat templates (SmolVLM's
+    apply_chat_template only adds the video processor's frame defaults). It keeps the original's class name, so a
     processor saved from it declares the original class and reloads with AutoProcessor where torchvision is
-    installed; it also saves a video-processor section derived from the image processor for that case.
+    installed; it also saves a `video_processor_type` section derived from the image processor for that case.
     """
     import transformers
+    from transformers import ProcessorMixin
 
     base = getattr(transformers, name)
 
     def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
-                 **kwargs: Any) -> None:
-        # The base passes video_processor=None positionally; ProcessorMixin pairs positional arguments with the
-        # attributes of the class (image_processor, tokenizer here), so it is dropped.
-        base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
-                      **kwargs)
+                 image_seq_len: int | None = None, **kwargs: Any) -> None:
+        # ProcessorMixin saves and loads the arguments this __init__'s code names, so SmolVLM's image_seq_len is
+        # one (the Qwens have none). The base passes video_processor=None on positionally; ProcessorMixin pairs
+        # positional arguments with the attributes of the class (image_processor, tokenizer here), so it is dropped.
+        if image_seq_len is not None:
+            kwargs["image_seq_len"] = image_seq_len
+        base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                      chat_template=chat_template, **kwargs)
+
+    def apply_chat_template(self: Any, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+        return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
     def to_dict(self: Any) -> dict[str, Any]:
         output = base.to_dict(self)
         image = output.get("image_processor")
         if isinstance(image, dict) and "video_processor" not in output:
             video = {k: v for k, v in image.items() if k != "image_processor_type"}
-            video["video_processor_type"] = "Qwen2VLVideoProcessor"  # Qwen2.5-VL's too
+            video["video_processor_type"] = video_processor_type
             output["video_processor"] = video
         return output
 
-    return type(name, (base,), {"__init__": __init__, "to_dict": to_dict, "__module__": __name__,
-                                "__qualname__": name})
+    return type(name, (base,), {"__init__": __init__, "apply_chat_template": apply_chat_template,
+                                "to_dict": to_dict, "__module__": __name__, "__qualname__": name})
 
 
 def mixlora_targets(model: nn.Module) -> dict[str, Any]:
@@ -456,7 +482,7 @@ def _tiny_qwen(family: str, out_dir: str | Path, spec: TinySpec | None) -> Path:
     pixels = spec.image_size**2
     image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=vision_patch,
                                                merge_size=merge, temporal_patch_size=2)
-    processor = _image_only_processor_class(_PROCESSORS_WITH_VIDEO[family])(
+    processor = _image_only_processor_class(*_PROCESSORS_WITH_VIDEO[family])(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
     prefix = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[family]
     common_vision = dict(depth=spec.vision_layers, num_heads=spec.vision_heads, patch_size=vision_patch,
@@ -491,34 +517,52 @@ def tiny_idefics3(out_dir: str | Path, spec: TinySpec | None = None, image_split
     splits the image into crops of image_size plus the whole image, as Idefics3 does with large images: an image
     then has 1 to 5 crops, so the items of a batch differ in their number of crops.
     """
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-        Idefics3VisionConfig,
-    )
+    return _tiny_idefics_family("idefics3", out_dir, spec, image_splitting)
 
-    spec = _merged_patch_spec(spec, "tiny_idefics3")
+
+def tiny_smolvlm(out_dir: str | Path, spec: TinySpec | None = None, image_splitting: bool = False) -> Path:
+    """Write a tiny, randomly initialised SmolVLM (model + processor) to `out_dir`, loadable with `load(out_dir)`.
+
+    As `tiny_idefics3` (SmolVLM is Idefics3's architecture), in SmolVLM's checkpoint format: a SmolVLMProcessor
+    (which needs the `num2words` package: `pip install cmlora[smolvlm]`), SmolVLM's conversation format
+    ("<|im_start|>User:<image>question<end_of_utterance>\nAssistant: answer<end_of_utterance>\n"), <|im_start|> as
+    the tokenizer's bos and <|im_end|> as its pad token.
+    """
+    return _tiny_idefics_family("smolvlm", out_dir, spec, image_splitting)
+
+
+def _tiny_idefics_family(family: str, out_dir: str | Path, spec: TinySpec | None, image_splitting: bool) -> Path:
+    import transformers
+
+    prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[family]
+    spec = _merged_patch_spec(spec, f"tiny_{family}")
     scale = 2
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specials = ["<unk>", "<|begin_of_text|>", "<pad>", *IDEFICS3_TOKENS.values()]
-    tokenizer = _byte_level_bpe(spec.vocab_size, specials, unk_token="<unk>", bos_token="<|begin_of_text|>",
-                                eos_token=IDEFICS3_TOKENS["end_of_utterance_token"], pad_token="<pad>",
+    if family == "idefics3":
+        bos, pad, template = "<|begin_of_text|>", "<pad>", IDEFICS3_CHAT_TEMPLATE
+    else:
+        bos, pad, template = "<|im_start|>", "<|im_end|>", SMOLVLM_CHAT_TEMPLATE
+    specials = ["<unk>", bos, pad, *IDEFICS3_TOKENS.values()]
+    tokenizer = _byte_level_bpe(spec.vocab_size, specials, unk_token="<unk>", bos_token=bos,
+                                eos_token=IDEFICS3_TOKENS["end_of_utterance_token"], pad_token=pad,
                                 extra_special_tokens=dict(IDEFICS3_TOKENS))
     image_tokens = (spec.image_size // spec.patch_size) ** 2
     longest = spec.image_size * (2 if image_splitting else 1)
-    image_processor = Idefics3ImageProcessorPil(do_image_splitting=image_splitting, size={"longest_edge": longest},
-                                                max_image_size={"longest_edge": spec.image_size})
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_tokens,
-                                  chat_template=IDEFICS3_CHAT_TEMPLATE)
-    vision = Idefics3VisionConfig(hidden_size=spec.vision_hidden,
-                                  intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
-                                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-                                  image_size=spec.image_size, patch_size=spec.patch_size // scale)
+    image_processor = getattr(transformers, f"{prefix}ImageProcessorPil")(
+        do_image_splitting=image_splitting, size={"longest_edge": longest},
+        max_image_size={"longest_edge": spec.image_size})
+    processor_class = transformers.Idefics3Processor if family == "idefics3" else \
+        _image_only_processor_class(*_PROCESSORS_WITH_VIDEO[family])
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_tokens,
+                                chat_template=template)
+    vision = getattr(transformers, f"{prefix}VisionConfig")(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads, image_size=spec.image_size,
+        patch_size=spec.patch_size // scale)
     text = _llama_config(spec, tokenizer)
-    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale,
-                            image_token_id=tokenizer.convert_tokens_to_ids(IDEFICS3_TOKENS["image_token"]))
-    return _save_tiny(Idefics3ForConditionalGeneration, config, processor, spec, out,
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=vision, text_config=text, scale_factor=scale,
+        image_token_id=tokenizer.convert_tokens_to_ids(IDEFICS3_TOKENS["image_token"]))
+    return _save_tiny(getattr(transformers, f"{prefix}ForConditionalGeneration"), config, processor, spec, out,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -118,7 +118,8 @@ def _chat_message(turn: Turn) -> dict[str, Any]:
     """A chat message whose content lists text items and an {"type": "image"} item where `<image>` stood.
 
     The newline LLaVA data puts after the marker is dropped: chat templates place their own separator after an
-    image item.
+    image item. An empty turn (the answer a generation prompt is cut from) is one empty text item, not an empty
+    list: SmolVLM's template reads the first item of every turn.
     """
     content: list[dict[str, str]] = []
     for index, piece in enumerate(turn.text.split(IMAGE_MARKER)):
@@ -127,7 +128,7 @@ def _chat_message(turn: Turn) -> dict[str, Any]:
             piece = piece.removeprefix("\n")
         if piece:
             content.append({"type": "text", "text": piece})
-    return {"role": turn.role, "content": content}
+    return {"role": turn.role, "content": content or [{"type": "text", "text": ""}]}
 
 
 TEMPLATES: dict[str, Template] = {"vicuna_v1": vicuna_v1, "plain": plain, "chat": chat}

@@ -134,7 +134,8 @@ def generate_answers(model: nn.Module, processor: Any, examples: Sequence[EvalEx
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+        # One list of images per prompt: SmolVLM's processor refuses a flat list for a batch; the others take both.
+        inputs = processor(images=[[image] for image in images], text=texts, padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = side
     device = next(model.parameters()).device

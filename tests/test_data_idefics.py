@@ -1,8 +1,10 @@
-"""Idefics3 through the data pipeline and training: its items (pixel_values [1, crops, 3, H, W] with a
-pixel_attention_mask), batches whose images differ in their number of crops, packed rows, and training a tiny
-Idefics3 end to end."""
+"""Idefics3 and SmolVLM (Idefics3's architecture in its own checkpoint format) through the data pipeline and
+training: their items (pixel_values [1, crops, 3, H, W] with a pixel_attention_mask), batches whose images differ in
+their number of crops, packed rows, and training a tiny model of each end to end."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -22,11 +24,21 @@ from .data_helpers import (
 )
 from .test_data_dataset import packed_items
 
+BUILDERS = {"idefics3": vlm.tiny_idefics3, "smolvlm": vlm.tiny_smolvlm}
+# Each family's model and processor classes, and its prompt for an image and a question.
+CLASSES = {"idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor"),
+           "smolvlm": ("SmolVLMForConditionalGeneration", "SmolVLMProcessor")}
+PROMPTS = {"idefics3": "User:<image>what colour?<end_of_utterance>\nAssistant:",
+           "smolvlm": "<|im_start|>User:<image>what colour?<end_of_utterance>\nAssistant:"}
 
-@pytest.fixture(scope="module", params=[False, True], ids=["whole", "split"])
+
+@pytest.fixture(scope="module", params=[(family, split) for family in BUILDERS for split in (False, True)],
+                ids=lambda param: f"{param[0]}-{'split' if param[1] else 'whole'}")
 def idefics(request, tmp_path_factory):
-    """Without and with image splitting: one crop per image, or 1-5 crops (the records' 40x30 and 24x48 images)."""
-    path = vlm.tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"), image_splitting=request.param)
+    """Per family, without and with image splitting: one crop per image, or 1-5 crops (the records' 40x30 and 24x48
+    images)."""
+    family, split = request.param
+    path = BUILDERS[family](tmp_path_factory.mktemp(f"tiny_{family}"), image_splitting=split)
     model, processor = vlm.load(path)
     return model.eval(), processor, path
 
@@ -36,15 +48,22 @@ def records(tmp_path_factory):
     return mixed_records(tmp_path_factory.mktemp("data"))
 
 
-def test_tiny_idefics3_is_a_standard_idefics3_folder(idefics):
-    from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
+def test_each_tiny_model_is_a_standard_folder_of_its_family(idefics):
+    import transformers
 
-    model, processor, _ = idefics
-    assert isinstance(model, Idefics3ForConditionalGeneration) and isinstance(processor, Idefics3Processor)
+    model, processor, path = idefics
+    family = model.config.model_type
+    model_class, processor_class = CLASSES[family]
+    assert isinstance(model, getattr(transformers, model_class))
+    assert isinstance(processor, getattr(transformers, processor_class))
+    saved = json.loads((path / "processor_config.json").read_text())
+    assert saved["processor_class"] == processor_class and saved["image_seq_len"] == processor.image_seq_len == 4
+    if family == "smolvlm":  # saved without torchvision, still loadable with its video processor where it is
+        assert saved["video_processor"]["video_processor_type"] == "SmolVLMVideoProcessor"
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
     prompt = processor.apply_chat_template([{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "what colour?"}]}], add_generation_prompt=True)
-    assert prompt == "User:<image>what colour?<end_of_utterance>\nAssistant:"
+    assert prompt == PROMPTS[family]
     inputs = processor(images=[[Image.new("RGB", (32, 32), "red")]], text=[prompt], return_tensors="pt")
     crops = inputs["pixel_values"].shape[1]
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 4 * crops  # 4 tokens per crop
@@ -53,7 +72,7 @@ def test_tiny_idefics3_is_a_standard_idefics3_folder(idefics):
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
 @torch.no_grad()
-def test_a_mixed_idefics3_batch_matches_each_item_alone(idefics, records, template):
+def test_a_mixed_batch_matches_each_item_alone(idefics, records, template):
     model, processor, _ = idefics
     dataset = InstructionDataset(records, processor, template=template)
     items = [dataset[0], dataset[1], dataset[2]]  # image, text only, image
@@ -80,7 +99,7 @@ def test_split_images_differ_in_their_number_of_crops(idefics, records):
     assert crops == ([5, 3] if processor.image_processor.do_image_splitting else [1, 1])
 
 
-def test_a_packed_idefics3_batch_gives_the_padded_batchs_loss_and_gradients(idefics, records):
+def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(idefics, records):
     model, processor, _ = idefics
     packed = assert_packed_batch_is_the_padded_batch(model, processor.tokenizer.pad_token_id,
                                                      packed_items(InstructionDataset(records, processor)))
@@ -88,7 +107,7 @@ def test_a_packed_idefics3_batch_gives_the_padded_batchs_loss_and_gradients(idef
 
 
 @pytest.mark.parametrize("adapter", ["lora", "mixlora"])
-def test_pack_sequences_trains_a_tiny_idefics3_to_the_padded_runs_weights(idefics, tmp_path, adapter):
+def test_pack_sequences_trains_each_tiny_model_to_the_padded_runs_weights(idefics, tmp_path, adapter):
     _, _, path = idefics
     run = assert_packed_training_gives_the_padded_weights(path, tmp_path, adapter)
     assert any("connector" in name for name in load_file(run / "adapter" / "adapter_model.safetensors"))
@@ -102,9 +121,11 @@ def test_pack_sequences_trains_a_tiny_idefics3_to_the_padded_runs_weights(idefic
     assert out.shape[0] == 1 and 0 < out.shape[1] - inputs["input_ids"].shape[1] <= 3
 
 
-def test_full_fine_tuning_trains_idefics3s_text_model_and_connector_not_its_vision_model(tmp_path):
-    """Idefics3's language model is `text_model`, not `language_model`: the adapters and full fine-tuning find it."""
-    model, _ = vlm.load(vlm.tiny_idefics3(tmp_path / "tiny"))
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_full_fine_tuning_trains_the_text_model_and_connector_not_the_vision_model(tmp_path, family):
+    """Idefics3's and SmolVLM's language model is `text_model`, not `language_model`: the adapters and full
+    fine-tuning find it."""
+    model, _ = vlm.load(BUILDERS[family](tmp_path / "tiny"))
     build_adapter_model(model, TrainConfig(adapter="full"))
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     text = {name for name, _ in model.named_parameters() if ".text_model." in name}
