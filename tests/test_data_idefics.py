@@ -22,7 +22,7 @@ from .data_helpers import (
     assert_packed_training_gives_the_padded_weights,
     mixed_records,
 )
-from .test_data_dataset import packed_items
+from .test_data_dataset import labelled_runs, packed_items
 
 BUILDERS = {"idefics3": vlm.tiny_idefics3, "smolvlm": vlm.tiny_smolvlm}
 # Each family's model and processor classes, and its prompt for an image and a question.
@@ -68,6 +68,20 @@ def test_each_tiny_model_is_a_standard_folder_of_its_family(idefics):
     crops = inputs["pixel_values"].shape[1]
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 4 * crops  # 4 tokens per crop
     assert resolve_template("auto", model, processor) == "chat"
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
+def test_only_the_answers_and_their_end_tokens_are_labelled(idefics, records, template):
+    """The processor writes an image as more than its image tokens (tags around them, a global-image tag, rows of
+    crops), so the labels are placed past that expansion, not past n image tokens."""
+    _, processor, _ = idefics
+    tokenizer = processor.tokenizer
+    item = InstructionDataset(records, processor, template=template)[0]
+    runs = labelled_runs(item["labels"])
+    assert runs == [tokenizer(" red<end_of_utterance>", add_special_tokens=False).input_ids,
+                    tokenizer(" a blue square<end_of_utterance>", add_special_tokens=False).input_ids]
+    labelled = item["labels"] != -100
+    assert torch.equal(item["labels"][labelled], item["input_ids"][labelled])
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
@@ -132,3 +146,19 @@ def test_full_fine_tuning_trains_the_text_model_and_connector_not_the_vision_mod
     assert text and text <= trainable
     assert "lm_head.weight" in trainable and any(".connector." in name for name in trainable)
     assert not any(".vision_model." in name for name in trainable)
+
+
+def test_the_generation_prompt_is_the_training_input_up_to_the_answer(idefics, records):
+    """SmolVLM's template writes "Assistant: " before a text answer (and reads the first item of every turn): the
+    prompt a model is asked with is what it saw before its answer's first label in training."""
+    from cmlora.data.templates import generation_prompt
+
+    model, processor, _ = idefics
+    record = records[2]  # image + "Shape?" -> "square"
+    item = InstructionDataset([record], processor, template="chat")[0]
+    prompt = generation_prompt(record.conversations[:1], processor, "chat")
+    encoded = processor(images=[[Image.open(record.image).convert("RGB")]], text=[prompt], return_tensors="pt")
+    prompt_ids = encoded["input_ids"][0]
+    first_label = int((item["labels"] != -100).nonzero()[0])
+    assert first_label == len(prompt_ids)
+    assert torch.equal(item["input_ids"][:first_label], prompt_ids)

@@ -1,9 +1,11 @@
 """The training dataset: checked records -> input_ids, labels (answers only), the image inputs and a task id.
 
-Labels are exact by construction: the processor tokenizes the whole rendered conversation in one call (the same
-call that expands `<image>` into the model's image tokens and preprocesses the image), with offset mapping; a
-token is labelled with its own id when its character span overlaps an assistant answer span, else -100. The answer
-spans from the template are shifted by the image-token expansion, and the shift is verified against the text.
+Labels are exact by construction: the tokenizer encodes the rendered conversation, the image marker one token of
+its own, with offset mapping into that very text, and a token is labelled with its own id when its character span
+overlaps an assistant answer span, else -100. The processor encodes the same text in the call that expands the
+marker into the model's image sequence and preprocesses the image; the two encodings agree token for token before
+and after the marker, which is checked, so the labels move by the expansion's length whatever the expansion holds
+(LLaVA's image token n times; Idefics3's and SmolVLM's image tokens between tags, rows and a global image).
 
 Images are decoded lazily in `__getitem__`. A Dataset cannot drop items there, so training code calls
 `validate()` once before training: it encodes every record, raises on the first bad one, or with
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # Processor outputs that are not per-example model inputs of the item: input_ids is the item's own; the collator
-# rebuilds attention_mask from the lengths; offset_mapping only serves labelling.
-NOT_MODEL_INPUTS = ("input_ids", "attention_mask", "offset_mapping")
+# rebuilds attention_mask from the lengths.
+NOT_MODEL_INPUTS = ("input_ids", "attention_mask")
 UNKNOWN_TASK = "unknown"  # the task name of records without one
 
 
@@ -39,8 +40,8 @@ class InstructionDataset(Dataset):
     """Records encoded for causal-LM training with the loss on assistant answers only.
 
     Item: {"input_ids": LongTensor[T], "labels": LongTensor[T], "pixel_values": Tensor or None, "task_id": int,
-    "id": str, **extra model inputs}. Every processor output other than input_ids, attention_mask and
-    offset_mapping is kept, as one of two kinds (InstructionCollator batches each kind by its rule):
+    "id": str, **extra model inputs}. Every processor output other than input_ids and attention_mask is kept, as
+    one of two kinds (InstructionCollator batches each kind by its rule):
 
     - per-token: shaped like the processor's input_ids [1, T] (Qwen2-VL's mm_token_type_ids); kept as [T], truncated
       with input_ids.
@@ -100,19 +101,15 @@ class InstructionDataset(Dataset):
         """One record as a training item; DataError naming the record if its image or length makes it unusable."""
         image = self._load_image(record) if record.image is not None else None
         rendered = TEMPLATES[self.template](record.conversations, self.processor)
-        inputs: dict[str, Any] = {"text": rendered.text, "return_offsets_mapping": True, "return_tensors": "pt"}
+        inputs: dict[str, Any] = {"text": rendered.text, "return_tensors": "pt"}
         if image is not None:
             if self.image_token is None:
                 raise record_error(record.source, record.id, "image", "the record has an image but the processor "
                                    "has no image token (is it a text-only tokenizer?)", "image unsupported")
             inputs["images"] = [image]
-        try:
-            encoded = self.processor(**inputs)
-        except NotImplementedError as error:  # slow tokenizers have no offset mapping
-            raise TypeError("InstructionDataset needs a fast tokenizer (return_offsets_mapping).") from error
+        encoded = self.processor(**inputs)
         input_ids = encoded["input_ids"][0]
-        spans = self._expanded_answer_spans(with_separator_spaces(rendered), input_ids)
-        labels = answer_labels(input_ids, encoded["offset_mapping"][0], spans)
+        labels = self._labels(record, rendered, input_ids)
         full_shape = encoded["input_ids"].shape
         input_ids, labels = self._truncate(record, input_ids, labels)
         length = len(input_ids)
@@ -162,32 +159,30 @@ class InstructionDataset(Dataset):
         except DataError as error:
             raise record_error(record.source, record.id, "image", str(error), error.reason) from error
 
-    def _expanded_answer_spans(self, rendered: RenderedConversation,
-                               input_ids: torch.Tensor) -> list[tuple[int, int]]:
-        """Answer spans moved to the processor's text, where each image token string is repeated per image token.
-
-        Offsets from the processor refer to that expanded text; the shift is checked by comparing the text the
-        spans cover before and after, so a processor that expands differently fails loudly instead of mislabelling.
-        """
-        marker = self.image_token
-        starts = [m.start() for m in re.finditer(re.escape(marker), rendered.text)] if marker else []
-        if not starts:
-            return rendered.answer_spans
-        image_tokens = int((input_ids == self.image_token_id).sum())
-        per_marker = image_tokens // len(starts)
-        if per_marker * len(starts) != image_tokens:
-            raise RuntimeError(f"{image_tokens} image tokens for {len(starts)} {marker} markers: cannot map answers")
-        expanded_text = rendered.text.replace(marker, marker * per_marker)
-        extra = (per_marker - 1) * len(marker)
-
-        def shift(position: int) -> int:
-            return position + extra * sum(start < position for start in starts)
-
-        spans = [(shift(start), shift(end)) for start, end in rendered.answer_spans]
-        for (start, end), (new_start, new_end) in zip(rendered.answer_spans, spans, strict=True):
-            if expanded_text[new_start:new_end] != rendered.text[start:end]:
-                raise RuntimeError("the processor expands image markers in a way InstructionDataset cannot map")
-        return spans
+    def _labels(self, record: Record, rendered: RenderedConversation, input_ids: torch.Tensor) -> torch.Tensor:
+        """Labels for the processor's `input_ids`: the answer tokens of the rendered text, found on the tokenizer's
+        encoding of that text (the image marker one token), moved past the processor's expansion of the marker."""
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        try:
+            plain = tokenizer(rendered.text, return_offsets_mapping=True, return_tensors="pt")
+        except NotImplementedError as error:  # slow tokenizers have no offset mapping
+            raise TypeError("InstructionDataset needs a fast tokenizer (return_offsets_mapping).") from error
+        ids = plain["input_ids"][0]
+        labels = answer_labels(ids, plain["offset_mapping"][0], with_separator_spaces(rendered).answer_spans)
+        markers = (ids == self.image_token_id).nonzero().flatten().tolist() if self.image_token_id is not None else []
+        if len(markers) > 1:  # records hold one image and one marker (records._check_image_markers)
+            raise RuntimeError(f"{record.source} (id {record.id!r}): {len(markers)} image markers in the rendered "
+                               "text; InstructionDataset maps one")
+        marker = markers[0] if markers else len(ids)
+        after = len(ids) - marker - 1 if markers else 0
+        expansion = len(input_ids) - marker - after  # the processor's tokens in the marker's place (none: no image)
+        if (expansion < (1 if markers else 0) or not torch.equal(input_ids[:marker], ids[:marker])
+                or not torch.equal(input_ids[len(input_ids) - after:], ids[len(ids) - after:])):
+            raise RuntimeError(f"{record.source} (id {record.id!r}): the processor's tokens differ from the "
+                               "tokenizer's outside the image marker's expansion, so InstructionDataset cannot "
+                               "place the answer labels")
+        return torch.cat([labels[:marker], torch.full((expansion,), IGNORE_INDEX, dtype=labels.dtype),
+                          labels[len(ids) - after:]])
 
     def _truncate(self, record: Record, input_ids: torch.Tensor,
                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
