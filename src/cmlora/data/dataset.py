@@ -176,7 +176,7 @@ class InstructionDataset(Dataset):
         marker = markers[0] if markers else len(ids)
         after = len(ids) - marker - 1 if markers else 0
         expansion = len(input_ids) - marker - after  # the processor's tokens in the marker's place (none: no image)
-        if (expansion < (1 if markers else 0) or not torch.equal(input_ids[:marker], ids[:marker])
+        if ((expansion < 1 if markers else expansion != 0) or not torch.equal(input_ids[:marker], ids[:marker])
                 or not torch.equal(input_ids[len(input_ids) - after:], ids[len(ids) - after:])):
             raise RuntimeError(f"{record.source} (id {record.id!r}): the processor's tokens differ from the "
                                "tokenizer's outside the image marker's expansion, so InstructionDataset cannot "
