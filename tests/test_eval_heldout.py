@@ -62,6 +62,15 @@ def test_heldout_records_must_be_single_questions(heldout_file):
         records_as_examples(heldout_file)
 
 
+def test_heldout_records_must_have_an_image(heldout_file):
+    rows = json.loads(heldout_file.read_text())
+    del rows[1]["image"]
+    rows[1]["conversations"][0]["value"] = rows[1]["conversations"][0]["value"].replace("<image>", "").strip()
+    heldout_file.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"heldout.json\[#1\].*'c2'.*field 'image'.*needs an image; this one has none"):
+        records_as_examples(heldout_file)
+
+
 def test_evaluate_writes_heldout_scores(model_and_processor, heldout_file, tmp_path):
     model, processor = model_and_processor
     scores = evaluate(model, processor, tmp_path / "eval", heldout=heldout_file,

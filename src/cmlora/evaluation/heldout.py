@@ -25,9 +25,12 @@ def records_as_examples(records_file: Path, image_folder: Path | None = None) ->
     examples = []
     for record in records:
         turns = record.conversations
-        if len(turns) != 2 or record.image is None:
-            raise record_error(record.source, record.id, "conversations", "a held-out record needs an image and "
-                               f"exactly one question and one answer, got {len(turns)} turns", "not single-turn")
+        if len(turns) != 2:
+            raise record_error(record.source, record.id, "conversations", "a held-out record needs exactly one "
+                               f"question and one answer, got {len(turns)} turns", "not single-turn")
+        if record.image is None:  # the generation path batches one image per prompt
+            raise record_error(record.source, record.id, "image", "a held-out record needs an image; this one has "
+                               "none (text-only records can be trained on, not evaluated here)", "no image")
         examples.append(EvalExample(uid=record.id, task=record.task_name or "unknown", image=record.image,
                                     prompt=heldout_prompt(turns[0].text), target=turns[1].text,
                                     source=record.source))
