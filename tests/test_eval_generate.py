@@ -1,5 +1,6 @@
 """Batched generation, resumable predictions files, the evaluate() runner and the eval/compare commands."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -79,6 +80,44 @@ def test_every_familys_answers_do_not_depend_on_the_batch_size(bench, tmp_path, 
     one, eight = ([row["prediction"] for row in rows] for rows in runs)
     assert one == eight
     assert len(set(one)) > 1
+
+
+def with_text_only(examples):
+    """The bench's examples with a text-only one (no image) after every third, so that batches mix both."""
+    mixed = []
+    for i, example in enumerate(examples):
+        mixed.append(example)
+        if i % 3 == 2:
+            mixed.append(dataclasses.replace(example, uid=f"t{i}", image=None, prompt="Name a colour." + " Now." * i))
+    return mixed
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"])
+@pytest.mark.parametrize("template", ["chat", "vicuna_v1"])
+def test_text_only_examples_are_answered_in_mixed_batches_as_alone(bench, tmp_path, family, template):
+    """A text-only example (a held-out record of text-only instruction data) is prompted without an image marker and
+    generated apart from the image examples of its batch, so each family answers both kinds as one at a time."""
+    if family == "llava":
+        model = bench[1]
+        processor = bench[2]
+    else:
+        build = {"llava_next": vlm.tiny_llava_next, "qwen2_vl": vlm.tiny_qwen2_vl, "qwen2_5_vl": vlm.tiny_qwen2_5_vl,
+                 "idefics3": vlm.tiny_idefics3, "smolvlm": vlm.tiny_smolvlm}[family]
+        model, processor = vlm.load(build(tmp_path / "tiny"))
+        import peft
+        model = peft.get_peft_model(model, cmlora.MixLoraConfig(num_factors=8, r=2, init_weights=False,
+                                                                **vlm.mixlora_targets(model))).eval()
+    examples = with_text_only(bench[3])
+    settings = [GenerationSettings(batch_size=size, template=template) for size in (1, 8)]
+    runs = [predict(model, processor, examples, spec_for("colour_vqa"), tmp_path / f"b{s.batch_size}.jsonl", s,
+                    f"{family}#0") for s in settings]
+    one, eight = ([row["prediction"] for row in rows] for rows in runs)
+    assert one == eight
+    assert [row["uid"] for row in runs[1]] == [example.uid for example in examples]
+    prompt = generate_module.prompt_text(examples[3], spec_for("colour_vqa"), processor, template)
+    assert examples[3].image is None and "Name a colour." in prompt
+    image_token = getattr(processor, "image_token", "<image>")
+    assert image_token not in prompt and "<image>" not in prompt
 
 
 def test_a_rerun_continues_where_a_killed_run_stopped(bench, tmp_path, monkeypatch):

@@ -62,13 +62,19 @@ def test_heldout_records_must_be_single_questions(heldout_file):
         records_as_examples(heldout_file)
 
 
-def test_heldout_records_must_have_an_image(heldout_file):
+def test_a_text_only_record_is_asked_as_text(model_and_processor, heldout_file, tmp_path):
     rows = json.loads(heldout_file.read_text())
     del rows[1]["image"]
     rows[1]["conversations"][0]["value"] = rows[1]["conversations"][0]["value"].replace("<image>", "").strip()
     heldout_file.write_text(json.dumps(rows))
-    with pytest.raises(DataError, match=r"heldout.json\[#1\].*'c2'.*field 'image'.*needs an image; this one has none"):
-        records_as_examples(heldout_file)
+    examples = records_as_examples(heldout_file)
+    assert examples[1].image is None and examples[1].prompt == "what colour ?" and examples[0].image is not None
+    model, processor = model_and_processor
+    scores = evaluate_heldout(model, processor, heldout_file, tmp_path / "p.jsonl", GenerationSettings(batch_size=4,
+                              template="plain"), "m#0")
+    assert scores["colour"]["count"] == 2 and scores["count"]["count"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()[1:]]
+    assert [line["uid"] for line in lines] == ["c1", "c2", "n1", "n2"]
 
 
 def test_evaluate_writes_heldout_scores(model_and_processor, heldout_file, tmp_path):

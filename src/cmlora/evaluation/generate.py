@@ -79,7 +79,7 @@ def prompt_text(example: EvalExample, spec: TaskSpec, processor: Any, template: 
     """The generation prompt: the image first, unless the example's prompt places it (held-out records written
     "question\n<image>"), then the question and the task's answer-format suffix."""
     question = f"{example.prompt} {spec.suffix}".strip() if spec.suffix else example.prompt
-    content = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
+    content = question if IMAGE_MARKER in question or example.image is None else f"{IMAGE_MARKER}\n{question}"
     return generation_prompt([Turn("user", content)], processor, template)
 
 
@@ -125,17 +125,31 @@ def batches(items: Sequence[EvalExample], size: int) -> Iterator[list[EvalExampl
 @torch.no_grad()
 def generate_answers(model: nn.Module, processor: Any, examples: Sequence[EvalExample], spec: TaskSpec,
                      settings: GenerationSettings) -> list[str]:
-    """Answers for one batch of examples (left-padded prompts, new tokens only, special tokens dropped)."""
+    """Answers for one batch of examples (left-padded prompts, new tokens only, special tokens dropped). Text-only
+    examples (no image) are generated apart from the others, since a processor call takes an image for every
+    prompt or for none; the answers come back in the batch's order."""
+    with_image = [example.image is not None for example in examples]
+    if any(with_image) and not all(with_image):
+        answers: list[str] = [""] * len(examples)
+        for flag in (True, False):
+            where = [i for i, has in enumerate(with_image) if has == flag]
+            part = generate_answers(model, processor, [examples[i] for i in where], spec, settings)
+            for i, answer in zip(where, part, strict=True):
+                answers[i] = answer
+        return answers
     tokenizer = getattr(processor, "tokenizer", processor)
     texts = [prompt_text(example, spec, processor, settings.template) for example in examples]
-    images = [load_image(example.image) for example in examples]
-    if settings.blank_images:
-        images = [Image.new("RGB", image.size) for image in images]
+    inputs_kwargs: dict[str, Any] = {}
+    if all(with_image):
+        images = [load_image(example.image) for example in examples]
+        if settings.blank_images:
+            images = [Image.new("RGB", image.size) for image in images]
+        # One list of images per prompt: SmolVLM's processor refuses a flat list for a batch; the others take both.
+        inputs_kwargs["images"] = [[image] for image in images]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        # One list of images per prompt: SmolVLM's processor refuses a flat list for a batch; the others take both.
-        inputs = processor(images=[[image] for image in images], text=texts, padding=True, return_tensors="pt")
+        inputs = processor(text=texts, padding=True, return_tensors="pt", **inputs_kwargs)
     finally:
         tokenizer.padding_side = side
     device = next(model.parameters()).device

@@ -3,7 +3,8 @@
 Each record holds one question and its answer (a second turn pair is an error: the answer would depend on the
 first). The answer counts when the greedy answer equals the target after lower-casing and stripping; the tasks'
 own answer conventions (digits or number words, yes/no or true/false, ...) are part of what is measured, so no
-further normalisation is applied. Predictions go through `predict`, so a killed run resumes.
+further normalisation is applied. A record without an image (text-only instruction data, as LLaVA's mix holds)
+is asked as text alone. Predictions go through `predict`, so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ def records_as_examples(records_file: Path, image_folder: Path | None = None) ->
         if len(turns) != 2:
             raise record_error(record.source, record.id, "conversations", "a held-out record needs exactly one "
                                f"question and one answer, got {len(turns)} turns", "not single-turn")
-        if record.image is None:  # the generation path batches one image per prompt
-            raise record_error(record.source, record.id, "image", "a held-out record needs an image; this one has "
-                               "none (text-only records can be trained on, not evaluated here)", "no image")
         examples.append(EvalExample(uid=record.id, task=record.task_name or "unknown", image=record.image,
                                     prompt=heldout_prompt(turns[0].text), target=turns[1].text,
                                     source=record.source))

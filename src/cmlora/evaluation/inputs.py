@@ -49,7 +49,8 @@ class EvalDataError(ValueError):
 class EvalExample:
     uid: str  # unique within its task
     task: str  # "mme" for MME; otherwise the task file's stem ("text_vqa", "pope_random", ...)
-    image: Path  # absolute path, checked to exist at read time
+    image: Path | None  # absolute path, checked to exist at read time; None: a text-only prompt (held-out records
+    # of text-only instruction data)
     prompt: str  # the question as written in the data (no answer-format suffix; a held-out record that puts its
     # image after text keeps its `<image>` marker there)
     target: str | tuple[str, ...]  # a tuple when several reference answers exist (Text-VQA)
@@ -435,10 +436,14 @@ def input_fingerprint(examples: Sequence[EvalExample]) -> str:
 
 def _fingerprint_rows(examples: Sequence[EvalExample]) -> Iterable[list[Any]]:
     try:
-        root = os.path.commonpath([str(example.image.parent) for example in examples]) if examples else None
+        folders = [str(example.image.parent) for example in examples if example.image is not None]
+        root = os.path.commonpath(folders) if folders else None
     except ValueError:  # images on different drives (Windows): no common folder
         root = None
     for example in examples:
-        image = Path(os.path.relpath(example.image, root)).as_posix() if root else example.image.as_posix()
+        if example.image is None:
+            image = None
+        else:
+            image = Path(os.path.relpath(example.image, root)).as_posix() if root else example.image.as_posix()
         target = list(example.target) if isinstance(example.target, tuple) else example.target
         yield [example.task, example.uid, image, example.prompt, target]
