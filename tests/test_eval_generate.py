@@ -63,17 +63,23 @@ def test_answers_do_not_depend_on_the_batch_size(bench, tmp_path):
     assert len(set(one)) > 1  # the adapter's answers differ between examples: the comparison is not vacuous
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"])
-@pytest.mark.parametrize("template", ["chat", "vicuna_v1"])
-def test_every_familys_answers_do_not_depend_on_the_batch_size(bench, tmp_path, family, template):
-    """Left-padded batches of images of varied sizes (LLaVA-NeXT, Qwen: varied image token counts) answer as one at a
-    time."""
+def family_model(family, tmp_path):
+    """A tiny model of `family` with a MixLoRA adapter (random B, so answers vary), and its processor."""
     build = {"llava_next": vlm.tiny_llava_next, "qwen2_vl": vlm.tiny_qwen2_vl, "qwen2_5_vl": vlm.tiny_qwen2_5_vl,
              "idefics3": vlm.tiny_idefics3, "smolvlm": vlm.tiny_smolvlm}[family]
     model, processor = vlm.load(build(tmp_path / "tiny"))
     import peft
     model = peft.get_peft_model(model, cmlora.MixLoraConfig(num_factors=8, r=2, init_weights=False,
                                                             **vlm.mixlora_targets(model))).eval()
+    return model, processor
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"])
+@pytest.mark.parametrize("template", ["chat", "vicuna_v1"])
+def test_every_familys_answers_do_not_depend_on_the_batch_size(bench, tmp_path, family, template):
+    """Left-padded batches of images of varied sizes (LLaVA-NeXT, Qwen: varied image token counts) answer as one at a
+    time."""
+    model, processor = family_model(family, tmp_path)
     examples = bench[3]
     runs = [predict(model, processor, examples, spec_for("colour_vqa"), tmp_path / f"b{size}.jsonl",
                     GenerationSettings(batch_size=size, template=template), f"{family}#0") for size in (1, 8)]
@@ -97,16 +103,7 @@ def with_text_only(examples):
 def test_text_only_examples_are_answered_in_mixed_batches_as_alone(bench, tmp_path, family, template):
     """A text-only example (a held-out record of text-only instruction data) is prompted without an image marker and
     generated apart from the image examples of its batch, so each family answers both kinds as one at a time."""
-    if family == "llava":
-        model = bench[1]
-        processor = bench[2]
-    else:
-        build = {"llava_next": vlm.tiny_llava_next, "qwen2_vl": vlm.tiny_qwen2_vl, "qwen2_5_vl": vlm.tiny_qwen2_5_vl,
-                 "idefics3": vlm.tiny_idefics3, "smolvlm": vlm.tiny_smolvlm}[family]
-        model, processor = vlm.load(build(tmp_path / "tiny"))
-        import peft
-        model = peft.get_peft_model(model, cmlora.MixLoraConfig(num_factors=8, r=2, init_weights=False,
-                                                                **vlm.mixlora_targets(model))).eval()
+    model, processor = bench[1:3] if family == "llava" else family_model(family, tmp_path)
     examples = with_text_only(bench[3])
     settings = [GenerationSettings(batch_size=size, template=template) for size in (1, 8)]
     runs = [predict(model, processor, examples, spec_for("colour_vqa"), tmp_path / f"b{s.batch_size}.jsonl", s,
