@@ -113,6 +113,27 @@ def test_pack_sequences_trains_lora_to_the_padded_runs_weights(workspace):
     assert load_config(runs[True] / "config.yaml").pack_sequences
 
 
+def test_dataloader_workers_check_the_records_and_train_to_the_same_weights(workspace, monkeypatch):
+    from cmlora.data import InstructionDataset
+
+    validate, workers_used = InstructionDataset.validate, []
+
+    def spy(self, workers=0):
+        workers_used.append(workers)
+        return validate(self, workers=workers)
+
+    monkeypatch.setattr(InstructionDataset, "validate", spy)
+    runs = {workers: train(tiny_config(workspace, f"lora-workers-{workers}", adapter="lora", max_steps=3,
+                                       save_steps=100, lora_dropout=0.0, keep_encoded=True,
+                                       dataloader_num_workers=workers))
+            for workers in (0, 2)}
+    assert workers_used == [0, 2]
+    alone, in_workers = (load_file(runs[workers] / "adapter" / "adapter_model.safetensors") for workers in (0, 2))
+    assert alone.keys() == in_workers.keys()
+    for name in alone:
+        torch.testing.assert_close(in_workers[name], alone[name], msg=name)
+
+
 def test_pack_sequences_trains_mixlora_to_the_padded_runs_weights(workspace):
     runs = {pack: train(tiny_config(workspace, f"mixlora-pack-{pack}", adapter="mixlora", max_steps=3,
                                     save_steps=100, template="plain", lora_dropout=0.0, pack_sequences=pack))

@@ -126,7 +126,8 @@ class TrainConfig:
     deepspeed: str | None = field(default=None, metadata={"help": "A DeepSpeed JSON config (ZeRO-2 / ZeRO-3)."})
     tensorboard: bool = field(default=False, metadata={"help": "Also log to TensorBoard (run_dir/tensorboard)."})
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even if a GPU is present."})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    dataloader_num_workers: int = field(default=0, metadata={
+        "help": "DataLoader worker processes; also the processes that check (encode) the records before training."})
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -406,7 +407,13 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
     print(f"[cmlora] conversation template: {template}")
     dataset = InstructionDataset(records, processor, template=template, max_length=config.max_length,
                                  skip_bad_records=config.skip_bad_records, keep_encoded=config.keep_encoded)
-    skipped_in_dataset = dataset.validate()
+    model = build_adapter_model(model, config, num_tasks=len(dataset.task_names))  # validate keeps the vocabulary
+    if _zero_stage(config.deepspeed) == 3:
+        prepare_for_zero3(model)
+    # The arguments before validate(): building them starts torch.distributed under torchrun or DeepSpeed, so that
+    # the processes split the records' check between them.
+    training_arguments = _training_arguments(config, run_dir)
+    skipped_in_dataset = dataset.validate(workers=config.dataloader_num_workers)
     skip_counts = {**skipped.counts}
     for reason, count in skipped_in_dataset.counts.items():
         skip_counts[reason] = skip_counts.get(reason, 0) + count
@@ -414,9 +421,6 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
         print(f"[cmlora] skipped {sum(skip_counts.values())} bad record(s): {skip_counts}")
     if config.task_weights is not None:
         report_task_weights(config, record_tasks(dataset))
-    model = build_adapter_model(model, config, num_tasks=len(dataset.task_names))
-    if _zero_stage(config.deepspeed) == 3:
-        prepare_for_zero3(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     mixlora = config.adapter == "mixlora"
@@ -425,7 +429,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[Any] | None
                                    segment_ids_key=SEGMENT_IDS_KWARG if mixlora and config.pack_sequences else None,
                                    rope_index=vlm.packed_rope_index(model) if config.pack_sequences else None)
     trainer = _trainer_class(config.lora_plus_ratio, config.task_weights)(
-        model=model, args=_training_arguments(config, run_dir), train_dataset=dataset, data_collator=collator,
+        model=model, args=training_arguments, train_dataset=dataset, data_collator=collator,
         callbacks=callbacks, processing_class=processor)
     checkpoints = complete_checkpoints(run_dir / "checkpoints") if resume else []
     if resume:
