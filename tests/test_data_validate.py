@@ -94,12 +94,9 @@ def _validate_as_rank(rank: int, world_size: int, store: str, model_dir: str, da
             result["report"] = checked.validate().counts
         except DataError as error:
             result["error"] = [str(error), error.reason]
-        result.update(encoded=list(encoded), kept=[record.id for record in checked.records], lengths=checked.lengths)
-        if "error" not in result and options.get("keep_encoded"):
+        result.update(encoded=encoded, kept=[record.id for record in checked.records], lengths=checked.lengths)
+        if checked._encoded is not None:
             result["kept_items"] = sorted(checked._encoded)
-            encoded.clear()
-            result["items"] = [checked[index]["input_ids"].tolist() for index in range(len(checked))]
-            result["encoded_on_demand"] = encoded
         with open(f"{out}-{rank}.json", "w") as file:
             json.dump(result, file)
     finally:
@@ -114,21 +111,19 @@ def validate_in_two_processes(tmp_path, model_dir, data, **options) -> list[dict
 
 
 @pytest.mark.slow
-def test_distributed_processes_split_the_check_and_keep_the_same_records(model_dir, data, tmp_path):
-    alone = dataset(model_dir, data, skip_bad_records=True, keep_encoded=True)
+@pytest.mark.parametrize("keep_encoded", [False, True])
+def test_distributed_processes_split_the_check_and_keep_the_same_records(model_dir, data, tmp_path, keep_encoded):
+    alone = dataset(model_dir, data, skip_bad_records=True)
     report = alone.validate()
-    ranks = validate_in_two_processes(tmp_path, model_dir, data, skip_bad_records=True, keep_encoded=True)
+    ranks = validate_in_two_processes(tmp_path, model_dir, data, skip_bad_records=True, keep_encoded=keep_encoded)
     ids = [f"r{index}" for index in range(10)]
     for rank, result in enumerate(ranks):
-        assert result["encoded"] == ids[rank::2]  # its share only
+        # Its share only; with keep_encoded every record, each kept item kept, as its sampler may draw any of them.
+        assert result["encoded"] == (ids if keep_encoded else ids[rank::2])
         assert result["report"] == report.counts
         assert result["kept"] == [record.id for record in alone.records] and result["lengths"] == alone.lengths
-        # It keeps the items it encoded and encodes the other kept records when first asked for them.
-        own = [index for index, record_id in enumerate(result["kept"]) if ids.index(record_id) % 2 == rank]
-        assert result["kept_items"] == own
-        assert result["encoded_on_demand"] == [record_id for index, record_id in enumerate(result["kept"])
-                                               if index not in own]
-        assert result["items"] == [alone[index]["input_ids"].tolist() for index in range(len(alone))]
+        if keep_encoded:
+            assert result["kept_items"] == list(range(len(alone)))
 
 
 @pytest.mark.slow

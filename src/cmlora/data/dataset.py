@@ -11,7 +11,7 @@ Images are decoded lazily in `__getitem__`. A Dataset cannot drop items there, s
 `validate()` once before training: it encodes every record, raises on the first bad one, or with
 skip_bad_records removes bad records and returns a SkipReport of what it removed and why. It can encode in worker
 processes, and in a distributed run each process encodes its share, so that checking a large dataset does not hold
-every process for the time one process takes to encode all of it.
+every process for the time one process takes to encode all of it (not with keep_encoded, which keeps them all).
 """
 
 from __future__ import annotations
@@ -139,8 +139,9 @@ class InstructionDataset(Dataset):
         `workers` > 0 encodes in that many worker processes (a DataLoader's). In a distributed run
         (torch.distributed initialised) each process encodes its share of the records, every world_size-th, and the
         processes exchange what they found: every one keeps the same records and lengths, or raises the same first
-        error. With keep_encoded a process keeps the items it encoded and encodes the others when first asked."""
-        rank, world_size = _process_share()
+        error. Not with keep_encoded: a process's sampler draws from every record, so each process encodes and
+        keeps them all (in its training DataLoader's workers, an item encoded on demand would not be kept)."""
+        rank, world_size = _process_share() if self._encoded is None else (0, 1)
         outcomes = self._encode_share(range(rank, len(self.records), world_size), workers, world_size == 1)
         if world_size > 1:
             outcomes = _exchange(outcomes)
@@ -327,11 +328,7 @@ def _process_share() -> tuple[int, int]:
 
 
 def _exchange(outcomes: dict[int, Any]) -> dict[int, Any]:
-    """Every process's outcomes, merged: a length or a DataError per record; this process's own items stay items."""
-    shared = {index: len(outcome["input_ids"]) if isinstance(outcome, dict) else outcome
-              for index, outcome in outcomes.items()}
+    """Every process's outcomes (a length or a DataError per record), merged."""
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, shared)
-    merged = {index: outcome for part in gathered for index, outcome in part.items()}
-    merged.update((index, outcome) for index, outcome in outcomes.items() if isinstance(outcome, dict))
-    return merged
+    torch.distributed.all_gather_object(gathered, outcomes)
+    return {index: outcome for part in gathered for index, outcome in part.items()}
