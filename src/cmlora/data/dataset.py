@@ -142,7 +142,8 @@ class InstructionDataset(Dataset):
         error. Not with keep_encoded: a process's sampler draws from every record, so each process encodes and
         keeps them all (in its training DataLoader's workers, an item encoded on demand would not be kept)."""
         rank, world_size = _process_share() if self._encoded is None else (0, 1)
-        outcomes = self._encode_share(range(rank, len(self.records), world_size), workers, world_size == 1)
+        outcomes = self._encode_share(range(rank, len(self.records), world_size), workers, world_size == 1,
+                                      progress=rank == 0)
         if world_size > 1:
             outcomes = _exchange(outcomes)
         report = SkipReport()
@@ -168,9 +169,10 @@ class InstructionDataset(Dataset):
             logger.warning("%s", report.summary())
         return report
 
-    def _encode_share(self, indexes: range, workers: int, raise_first: bool) -> dict[int, Any]:
+    def _encode_share(self, indexes: range, workers: int, raise_first: bool, progress: bool) -> dict[int, Any]:
         """index -> the item (keep_encoded) or its length, or its DataError, for the records at `indexes`, in order;
-        `raise_first`: raise a bad record's error at once (when nothing else will skip it or needs to hear of it)."""
+        `raise_first`: raise a bad record's error at once (when nothing else will skip it or needs to hear of it);
+        `progress`: show a progress bar (one process of a distributed run shows its share's)."""
         if workers > 0:
             # Workers send chunks of outcomes as pickled bytes: sent as they are, each tensor of each item would
             # travel in a shared-memory segment of its own, which costs more than encoding a small record.
@@ -181,13 +183,14 @@ class InstructionDataset(Dataset):
         else:
             chunks = _Encoding(self, indexes, chunk=1, pickled=False)
         outcomes: dict[int, Any] = {}
-        with tqdm(total=len(indexes), desc="checking records", unit="record", disable=None) as progress:
+        with tqdm(total=len(indexes), desc="checking records", unit="record",
+                  disable=None if progress else True) as bar:
             for chunk in chunks:
                 for index, outcome in chunk:
                     if isinstance(outcome, DataError) and raise_first and not self.skip_bad_records:
                         raise outcome
                     outcomes[index] = outcome
-                progress.update(len(chunk))
+                bar.update(len(chunk))
         return outcomes
 
     def _load_image(self, record: Record) -> Any:
