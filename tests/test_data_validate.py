@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from cmlora import vlm
 from cmlora.data import DataError, InstructionDataset, load_records
 
 from .data_helpers import save_image, vf_record, write_jsonl
+from .synthetic_data import write_records
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +138,37 @@ def test_distributed_processes_raise_the_same_first_error(model_dir, data, tmp_p
     assert [result["error"] for result in ranks] == [[str(alone.value), alone.value.reason]] * 2
     assert ranks[0]["encoded"] == [record.id for record in records[0::2]]
 
+
+
+def test_keep_encoded_stops_before_it_would_run_out_of_memory(model_dir, tmp_path, monkeypatch):
+    import cmlora.data.dataset as dataset_module
+
+    data = write_records(tmp_path / "data", count=40)
+    records, _ = load_records(data, data.parent / "images")
+    processor = vlm.load(model_dir)[1]
+    one_item = dataset_module._item_bytes(InstructionDataset(records, processor).encode(records[0]))
+    monkeypatch.setattr(dataset_module, "available_memory", lambda: 60 * one_item)  # 40 fit, 4 x 40 do not
+    encoded = []
+    encode = InstructionDataset.encode
+    monkeypatch.setattr(InstructionDataset, "encode", lambda self, record: encoded.append(record.id) or
+                        encode(self, record))
+    InstructionDataset(records, processor, keep_encoded=True).validate()
+    InstructionDataset(records, processor).validate()  # nothing kept: nothing to check
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes of this machine, each keeping every item
+    InstructionDataset(records, processor).validate()
+    encoded.clear()
+    with pytest.raises(MemoryError, match=r"keep_encoded: keeping 40 encoded records in each of 4 processes needs "
+                                          r"about .* GiB \(.* MiB each, measured on the first 32\), more than the "
+                                          r".* GiB this machine has available. Set keep_encoded: false"):
+        InstructionDataset(records, processor, keep_encoded=True).validate()
+    assert len(encoded) == 32  # it stopped at the first 32, before keeping the rest
+
+
+def test_available_memory_reads_this_machine():
+    from cmlora.data.dataset import available_memory
+
+    available = available_memory()
+    if Path("/proc/meminfo").exists():
+        assert available > 2**20
+    else:
+        assert available is None

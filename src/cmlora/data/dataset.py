@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pickle
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,7 @@ IGNORE_INDEX = -100
 NOT_MODEL_INPUTS = ("input_ids", "attention_mask")
 UNKNOWN_TASK = "unknown"  # the task name of records without one
 VALIDATE_CHUNK = 16  # records per message from a validate worker
+KEPT_MEMORY_SAMPLE = 32  # keep_encoded: items measured to estimate what keeping them all takes
 
 
 class InstructionDataset(Dataset):
@@ -183,6 +185,7 @@ class InstructionDataset(Dataset):
         else:
             chunks = _Encoding(self, indexes, chunk=1, pickled=False)
         outcomes: dict[int, Any] = {}
+        sample: list[dict[str, Any]] | None = [] if self._encoded is not None else None  # kept items, measured
         with tqdm(total=len(indexes), desc="checking records", unit="record",
                   disable=None if progress else True) as bar:
             for chunk in chunks:
@@ -190,6 +193,11 @@ class InstructionDataset(Dataset):
                     if isinstance(outcome, DataError) and raise_first and not self.skip_bad_records:
                         raise outcome
                     outcomes[index] = outcome
+                    if sample is not None and isinstance(outcome, dict):
+                        sample.append(outcome)
+                        if len(sample) == KEPT_MEMORY_SAMPLE:  # fewer kept items take little memory anyway
+                            check_kept_memory(sample, len(indexes))
+                            sample = None
                 bar.update(len(chunk))
         return outcomes
 
@@ -321,6 +329,41 @@ def _received(message: bytes) -> list[tuple[int, Any]]:
     return [(index, {key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
                      for key, value in outcome.items()} if isinstance(outcome, dict) else outcome)
             for index, outcome in pickle.loads(message)]
+
+
+def check_kept_memory(sample: Sequence[dict[str, Any]], count: int) -> None:
+    """MemoryError, before it runs out, if keeping `count` items the size of `sample`'s (in every process of this
+    machine, `LOCAL_WORLD_SIZE` of torchrun) needs more memory than the machine has available."""
+    available = available_memory()
+    if available is None:
+        return
+    each = sum(_item_bytes(item) for item in sample) / len(sample)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = each * count * processes
+    if needed > 0.9 * available:
+        on = f" in each of {processes} processes" if processes > 1 else ""
+        raise MemoryError(f"keep_encoded: keeping {count} encoded records{on} needs about {needed / 2**30:.1f} GiB "
+                          f"({each / 2**20:.2f} MiB each, measured on the first {len(sample)}), more than the "
+                          f"{available / 2**30:.1f} GiB this machine has available. Set keep_encoded: false: "
+                          "each epoch then encodes its records again.")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _item_bytes(item: dict[str, Any]) -> int:
+    """An item's tensor bytes, plus 1 KiB for its objects."""
+    return 1024 + sum(value.element_size() * value.nelement() for value in item.values()
+                      if isinstance(value, torch.Tensor))
 
 
 def _process_share() -> tuple[int, int]:
