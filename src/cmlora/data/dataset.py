@@ -175,15 +175,14 @@ class InstructionDataset(Dataset):
         """index -> the item (keep_encoded) or its length, or its DataError, for the records at `indexes`, in order;
         `raise_first`: raise a bad record's error at once (when nothing else will skip it or needs to hear of it);
         `progress`: show a progress bar (one process of a distributed run shows its share's)."""
+        encoding = _Encoding(self, indexes, chunk=VALIDATE_CHUNK)
         if workers > 0:
             # Workers send chunks of outcomes as pickled bytes: sent as they are, each tensor of each item would
-            # travel in a shared-memory segment of its own, which costs more than encoding a small record.
-            # (collate_fn runs in the worker: the bytes are unpickled here, in this process.)
-            loader = DataLoader(_Encoding(self, indexes, chunk=VALIDATE_CHUNK, pickled=True), batch_size=None,
-                                num_workers=workers, collate_fn=_as_sent)
-            chunks: Any = map(_received, loader)
+            # travel in a shared-memory segment of its own, which costs more than encoding a small record. The
+            # bytes are unpickled here, in this process (a collate_fn would run in the worker).
+            chunks: Any = map(_received, DataLoader(encoding, batch_size=None, num_workers=workers))
         else:
-            chunks = _Encoding(self, indexes, chunk=1, pickled=False)
+            chunks = ([encoding.outcome(index)] for index in indexes)
         outcomes: dict[int, Any] = {}
         sample: list[dict[str, Any]] | None = [] if self._encoded is not None else None  # kept items, measured
         with tqdm(total=len(indexes), desc="checking records", unit="record",
@@ -284,35 +283,28 @@ def _task(record: Record) -> str:
 
 
 class _Encoding(Dataset):
-    """validate's work: item i is the outcomes of records `indexes[i * chunk : (i + 1) * chunk]` of `dataset`, each
-    (index, the item if the dataset keeps items, else its length, or its DataError); `pickled`: as pickle bytes."""
+    """validate's work in a worker: item i is the outcomes of records `indexes[i * chunk : (i + 1) * chunk]` of
+    `dataset`, pickled (see `outcome`)."""
 
-    def __init__(self, dataset: InstructionDataset, indexes: range, chunk: int, pickled: bool) -> None:
-        self.dataset, self.indexes, self.chunk, self.pickled = dataset, indexes, chunk, pickled
+    def __init__(self, dataset: InstructionDataset, indexes: range, chunk: int) -> None:
+        self.dataset, self.indexes, self.chunk = dataset, indexes, chunk
 
     def __len__(self) -> int:
         return -(-len(self.indexes) // self.chunk)
 
-    def __getitem__(self, position: int) -> Any:
-        if position >= len(self):
-            raise IndexError(position)
-        outcomes = [self._outcome(index) for index in self.indexes[position * self.chunk:(position + 1) * self.chunk]]
-        if not self.pickled:
-            return outcomes
+    def __getitem__(self, position: int) -> bytes:
+        outcomes = [self.outcome(index) for index in self.indexes[position * self.chunk:(position + 1) * self.chunk]]
         return pickle.dumps([(index, _as_arrays(outcome)) for index, outcome in outcomes],
                             protocol=pickle.HIGHEST_PROTOCOL)
 
-    def _outcome(self, index: int) -> tuple[int, Any]:
+    def outcome(self, index: int) -> tuple[int, Any]:
+        """(index, the record's item if the dataset keeps items, else its length, or its DataError)."""
         try:
             item = self.dataset.encode(self.dataset.records[index])
         except DataError as error:
             return index, error
         # Only a kept item travels back from a worker process: its pixel values are most of its bytes.
         return index, item if self.dataset._encoded is not None else len(item["input_ids"])
-
-
-def _as_sent(message: bytes) -> bytes:
-    return message
 
 
 def _as_arrays(outcome: Any) -> Any:
