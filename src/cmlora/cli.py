@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.add_argument("--overwrite", action="store_true", help="regenerate existing predictions")
     compare_parser = commands.add_parser("compare", help="print runs' evaluation summaries side by side")
     compare_parser.add_argument("runs", nargs="+", help="run directories or scores.json files")
+    compare_parser.add_argument("--at-least", type=float, default=None, metavar="FRACTION",
+                                help="also count the held-out tasks whose accuracy reaches FRACTION (e.g. 0.8)")
     interference_parser = commands.add_parser("interference", help="task interference matrices (method.md 5)")
     add_model_source(interference_parser, fresh=("lora", "mixlora"))
     interference_parser.add_argument("--data", required=True, help="training records (JSON or JSONL)")
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare":
         from .evaluation.runner import compare
 
-        print(compare(args.runs), end="")
+        print(compare(args.runs, args.at_least), end="")
     if args.command == "interference":
         from .analysis.interference import run_from_args
 

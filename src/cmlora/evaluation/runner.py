@@ -79,8 +79,14 @@ def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
     lines = ["| metric | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
     for key in keys:
         cells = [runs[name].get(key) for name in runs]
-        lines.append(f"| {key} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")
+        lines.append(f"| {key} | " + " | ".join(_cell(v) for v in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.2f}"
 
 
 def evaluate(model: nn.Module, processor: Any, out_dir: Path, *, mme_dir: Path | None = None,
@@ -111,15 +117,56 @@ def evaluate(model: nn.Module, processor: Any, out_dir: Path, *, mme_dir: Path |
     return scores
 
 
-def compare(score_files: Sequence[Path]) -> str:
-    """A markdown table of several runs' summaries (from their scores.json files)."""
-    runs = {}
-    for path in score_files:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "eval" / "scores.json" if (path / "eval" / "scores.json").exists() else path / "scores.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no scores.json; run cmlora eval first")
-        name = path.parent.parent.name if path.parent.name == "eval" else path.parent.name
-        runs[name] = json.loads(path.read_text())["summary"]
-    return markdown_table(runs)
+def compare(score_files: Sequence[Path], at_least: float | None = None) -> str:
+    """A markdown table of several runs' scores.json files, one column per run.
+
+    Rows: the paper's summary columns, then (where any run has them) each MME subtask's accuracy and each held-out
+    training task's accuracy with their mean, all in percent; with `at_least` (a fraction, e.g. 0.8) also how many
+    held-out tasks reach it. A run directory stands for its eval/scores.json (`cmlora eval --run`'s default output).
+    Columns are named by the shortest path suffix that tells the runs apart (a/eval-train, b/eval-train).
+    """
+    paths = [_scores_path(Path(path)) for path in score_files]
+    rows = {name: _compare_rows(json.loads(path.read_text()), at_least)
+            for name, path in zip(_column_names(paths), paths, strict=True)}
+    return markdown_table(rows)
+
+
+def _scores_path(path: Path) -> Path:
+    if path.is_dir():
+        path = path / "eval" / "scores.json" if (path / "eval" / "scores.json").exists() else path / "scores.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no scores.json; run cmlora eval first")
+    return path
+
+
+def _column_names(paths: list[Path]) -> list[str]:
+    """Each file's folder (a run's, for RUN/eval/scores.json), extended by parent folders until the names differ."""
+    resolved = [path.resolve() for path in paths]
+    for index, path in enumerate(resolved):
+        if path in resolved[:index]:
+            raise ValueError(f"{paths[index]}: the same scores.json is given twice")
+    folders = [path.parent.parent if path.parent.name == "eval" else path.parent for path in resolved]
+    parts = [folder.parts for folder in folders]
+    depth = [1] * len(parts)
+    while True:
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
+        clashing = {i for i, name in enumerate(names) if names.count(name) > 1}
+        if not clashing:
+            return names
+        for i in clashing:
+            depth[i] += 1
+
+
+def _compare_rows(scores: dict[str, Any], at_least: float | None) -> dict[str, float | int | None]:
+    rows: dict[str, float | int | None] = dict(scores["summary"])
+    for subtask, result in sorted((scores.get("mme") or {}).get("subtasks", {}).items()):
+        rows[f"mme {subtask} acc"] = 100.0 * result["acc"]
+    heldout = scores.get("heldout") or {}
+    for task, result in heldout.items():
+        rows[f"heldout {task}"] = 100.0 * result["accuracy"]
+    if heldout:
+        accuracies = [result["accuracy"] for result in heldout.values()]
+        rows["heldout mean"] = 100.0 * sum(accuracies) / len(accuracies)
+        if at_least is not None:
+            rows[f"heldout tasks >= {100 * at_least:g}"] = sum(value >= at_least for value in accuracies)
+    return rows
