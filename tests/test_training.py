@@ -47,6 +47,25 @@ def test_straight_through_forward_equals_unscaled_forward():
     torch.testing.assert_close(losses[0], losses[1])
 
 
+def test_straight_through_trains_the_routers_alone():
+    # Its forward does not use the pair coefficients, so their gradient is a surrogate: pushed back through the
+    # pooled input and the A factors CFS reads, it would move the layers below and the factors by a gradient of
+    # nothing the loss computes (on the suite that diverged). Every other parameter gets "none"'s gradient.
+    inputs = batch()
+    grads = {}
+    for mode in ("none", "straight_through"):
+        torch.manual_seed(0)
+        model = build(router_grad=mode, target_modules=["q_proj", "v_proj", "down_proj"]).train()
+        model(**inputs).loss.backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    routers = [n for n in grads["straight_through"] if "mixlora_router" in n]
+    assert routers and all(grads["straight_through"][n].abs().sum() > 0 for n in routers)
+    shared = [n for n in grads["straight_through"] if n not in routers]
+    assert sorted(shared) == sorted(grads["none"]) and any("layers.0." in n for n in shared)
+    for name in shared:
+        torch.testing.assert_close(grads["straight_through"][name], grads["none"][name], msg=name)
+
+
 def test_router_grad_none_keeps_routers_out_of_the_optimizer_and_unchanged():
     model = build(router_grad="none")
     routers = router_tensors(model)

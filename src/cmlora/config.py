@@ -70,7 +70,8 @@ class MixLoraConfig(PeftConfig):
         default="none",
         metadata={"help": "'none': routers get no gradient and are stored as buffers (reference behaviour); "
                           "'scores': selected factor pairs are scaled by r times their renormalised top-r "
-                          "probabilities; 'straight_through': unscaled forward, gradients as with 'scores'."},
+                          "probabilities; 'straight_through': unscaled forward, and the routers alone "
+                          "get the coefficients' gradient, taken at that forward (the routing inputs are detached)."},
     )
     router_aux_loss_coef: float = field(
         default=0.0,

@@ -243,6 +243,7 @@ class Linear(nn.Module, MixLoraLayer):
             if cached is not None:
                 return cached
         router = self.mixlora_router[adapter] if adapter in self.mixlora_router else None
+        factors_a = self.mixlora_factors_a[adapter]
         # With router_grad='none' selection is index-only: no graph is needed, and none is built.
         grad_mode = torch.enable_grad() if settings.router_grad != "none" else torch.no_grad()
         with grad_mode:
@@ -252,13 +253,20 @@ class Linear(nn.Module, MixLoraLayer):
                 pooled = segments.pool(seq, settings.pooling)
             else:
                 pooled = pool(seq, None if context is None else context.pooling_mask(settings.pooling, batch, seq_len))
+            if settings.router_grad == "straight_through":
+                # Its forward leaves the pair coefficients out, so their gradient is a surrogate for the routers
+                # alone. Through the pooled input and the A factors CFS reads, it would move the layers below and
+                # the factors by a gradient of nothing the loss computes: on the suite, gradient norms rose to 1e4
+                # and training diverged (BENCHMARKS.md, "MixLoRA against LoRA on the suite").
+                pooled = None if pooled is None else pooled.detach()
+                factors_a = factors_a.detach()
             selection = route(
                 pooled,
                 r=settings.r,
                 num_factors=settings.num_factors,
                 routing=settings.routing,
                 router_grad=settings.router_grad,
-                factors_a=self.mixlora_factors_a[adapter],
+                factors_a=factors_a,
                 router_ifs=router.get("weight_ifs") if router else None,
                 router_cfs=router.get("weight_cfs") if router else None,
                 cfs=settings.cfs,
