@@ -44,6 +44,14 @@ def test_names_grow_only_as_far_as_needed_to_differ(tmp_path):
     assert header == "| metric | a/x/eval-train | b/x/eval-train | eval-mme |"
 
 
+def test_a_linked_run_keeps_the_name_it_was_given(tmp_path):
+    write_scores(tmp_path / "base0" / "eval")
+    (tmp_path / "lora-s0").symlink_to(tmp_path / "base0")
+    other = write_scores(tmp_path / "mixlora-s0" / "eval")
+    header, _ = rows(compare([tmp_path / "lora-s0", other]))
+    assert header == "| metric | lora-s0 | mixlora-s0 |"
+
+
 def test_the_same_scores_twice_is_an_error(tmp_path):
     scores = write_scores(tmp_path / "run" / "eval")
     with pytest.raises(ValueError, match="given twice"):

@@ -145,7 +145,8 @@ def _column_names(paths: list[Path]) -> list[str]:
     for index, path in enumerate(resolved):
         if path in resolved[:index]:
             raise ValueError(f"{paths[index]}: the same scores.json is given twice")
-    folders = [path.parent.parent if path.parent.name == "eval" else path.parent for path in resolved]
+    named = [path.absolute() for path in paths]  # the names the user gave, links not followed
+    folders = [path.parent.parent if path.parent.name == "eval" else path.parent for path in named]
     parts = [folder.parts for folder in folders]
     depth = [1] * len(parts)
     while True:
