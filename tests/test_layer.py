@@ -120,3 +120,42 @@ def test_only_linear_layers_can_be_adapted():
     with pytest.raises(TypeError, match="nn.Linear"):
         get_peft_model(model, MixLoraConfig(num_factors=4, r=2, target_modules=["0"]))
     assert issubclass(Linear, torch.nn.Module)
+
+
+@pytest.mark.parametrize("pairing", ["score", "index"])
+def test_with_every_factor_selected_index_pairing_is_plain_lora(pairing):
+    """E == r: each instance selects every factor, so only the matching of A and B factors can differ."""
+    torch.manual_seed(0)
+    model = get_peft_model(ToyMLP(), MixLoraConfig(num_factors=4, r=4, target_modules=["lin0"], pairing=pairing,
+                                                   init_weights=False))
+    layer = model.base_model.model.lin0
+    x = torch.randn(6, 3, 10)
+    with torch.no_grad(), cmlora.trace_routing(model) as trace:
+        out = layer(x)
+    a, b = layer.mixlora_factors_a["default"], layer.mixlora_factors_b["default"]
+    lora = layer.base_layer(x) + layer.mixlora_settings["default"].scaling * (x @ a.t()) @ b
+    if pairing == "index":
+        torch.testing.assert_close(out, lora)
+    else:  # the paper's pairing: the i-th A factor by score with the i-th B factor by score, per instance
+        assert len({tuple(row) for row in trace.indices("lin0", "a").tolist()}) > 1
+        assert not torch.allclose(out, lora, atol=1e-3)
+
+
+def test_pairing_must_be_a_known_mode():
+    with pytest.raises(ValueError, match="pairing"):
+        MixLoraConfig(num_factors=4, r=2, pairing="sorted")
+
+
+def test_pairing_reaches_the_adapter_from_the_training_config_and_survives_saving(tmp_path):
+    from peft import PeftModel
+
+    from cmlora.train import TrainConfig, build_adapter_model
+
+    from .conftest import tiny_llava
+
+    model = build_adapter_model(tiny_llava(), TrainConfig(adapter="mixlora", num_factors=4, r=2, pairing="index"))
+    assert model.peft_config["default"].pairing == "index"
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llava(), tmp_path)
+    layers = [m for m in loaded.modules() if isinstance(m, Linear)]
+    assert layers and all(m.mixlora_settings["default"].pairing == "index" for m in layers)

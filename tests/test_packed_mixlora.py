@@ -53,7 +53,8 @@ def loss_gradients_and_routes(model, batch):
     {"routing": "ifs", "router_grad": "scores", "pooling": "all", "router_aux_loss_coef": 0.01},
     {"routing": "ifs+cfs", "router_grad": "straight_through", "pooling": "prompt", "mix_start_layer": 1},
     {"routing": "task", "router_grad": "scores", "pooling": "prompt", "num_tasks": 3},
-], ids=["ifs+cfs", "ifs-scores-all-aux", "straight-through-mix-start", "task"])
+    {"routing": "ifs+cfs", "router_grad": "scores", "pooling": "prompt", "pairing": "index"},
+], ids=["ifs+cfs", "ifs-scores-all-aux", "straight-through-mix-start", "task", "pairing-index"])
 def test_packed_records_route_and_train_as_in_padded_rows(tiny, items, settings):
     base, processor = tiny
     model = get_peft_model(copy.deepcopy(base), MixLoraConfig(num_factors=8, r=2, init_weights=False, **settings))

@@ -109,3 +109,28 @@ def test_route_task_needs_task_ids():
     with pytest.raises(ValueError, match="mixlora_task_ids"):
         route(None, r=1, num_factors=2, routing="task", router_grad="none", factors_a=torch.zeros(2, 3),
               task_logits=torch.zeros(2, 3, 2))
+
+
+@pytest.mark.parametrize("routing", ["ifs", "ifs+cfs", "random"])
+def test_pairing_by_index_selects_the_same_factors_and_matches_them_in_factor_order(routing):
+    torch.manual_seed(0)
+    E, r, d = 8, 3, 5
+    args = dict(r=r, num_factors=E, routing=routing, router_grad="scores", factors_a=torch.randn(E, d),
+                router_ifs=torch.randn(2, E, d), router_cfs=torch.randn(r, d, E), batch=4)
+    xbar = torch.randn(4, d)
+    torch.manual_seed(1)
+    by_score = route(xbar, **args)
+    torch.manual_seed(1)  # the same random draw for routing='random'
+    by_index = route(xbar, **args, pairing="index")
+    for side in ("a", "b"):
+        score_order, index_order = getattr(by_score, f"index_{side}"), getattr(by_index, f"index_{side}")
+        assert torch.equal(index_order, score_order.sort(dim=-1).values)  # the same sets, in factor order
+    assert not torch.equal(by_index.index_a, by_score.index_a)  # the orders differ here, so the test can tell
+    if routing != "random":
+        # pair i's coefficient belongs to the factors now at position i: r * p_a * r * p_b of those two
+        top_a = by_score.probs_a.gather(1, by_index.index_a)
+        top_b = by_score.scores_b.gather(1, by_index.index_b)
+        expected = (r * top_a / top_a.sum(-1, keepdim=True)) * (r * top_b / top_b.sum(-1, keepdim=True))
+        torch.testing.assert_close(by_index.coef, expected)
+        # the scores are the score pairing's (CFS reads the A factors in score order in both)
+        torch.testing.assert_close(by_index.scores_b, by_score.scores_b)

@@ -13,6 +13,7 @@ ROUTINGS = ("ifs", "ifs+cfs", "random", "task")
 POOLINGS = ("prompt", "all", "reference")
 ROUTER_GRADS = ("none", "scores", "straight_through")
 CFS_MODES = ("paper", "reference")
+PAIRINGS = ("score", "index")
 
 
 @dataclass
@@ -87,6 +88,12 @@ class MixLoraConfig(PeftConfig):
                           "'reference' (the reference code's separated sums and second softmax)."},
     )
     cfs_weight: float = field(default=1.0, metadata={"help": "Weight of the CFS scores added to the B router's."})
+    pairing: Literal["score", "index"] = field(
+        default="score",
+        metadata={"help": "How the r selected A factors are matched with the r selected B factors: 'score' (the "
+                          "paper's: the i-th of each pool by router score) or 'index' (the i-th of each in factor "
+                          "order, so that the update depends on which factors are selected, not on their order)."},
+    )
     num_tasks: int | None = field(
         default=None, metadata={"help": "Number of task ids, required by routing='task'."}
     )
@@ -114,7 +121,7 @@ class MixLoraConfig(PeftConfig):
                 raise ValueError(f"MixLoraConfig.{name} must be one of {choices}, got {value!r}.")
 
         for name, choices in (("routing", ROUTINGS), ("pooling", POOLINGS), ("router_grad", ROUTER_GRADS),
-                              ("cfs", CFS_MODES)):
+                              ("cfs", CFS_MODES), ("pairing", PAIRINGS)):
             check_choice(name, choices)
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"MixLoraConfig.r must be a positive integer, got {self.r!r}.")

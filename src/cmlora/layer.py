@@ -34,6 +34,7 @@ class AdapterSettings:
     router_grad: str
     cfs: str
     cfs_weight: float
+    pairing: str
     router_noise: float
     aux_loss: bool
 
@@ -49,6 +50,7 @@ class AdapterSettings:
             router_grad=config.router_grad,
             cfs=config.cfs,
             cfs_weight=config.cfs_weight,
+            pairing=config.pairing,
             router_noise=config.router_noise,
             aux_loss=config.router_aux_loss_coef > 0,
         )
@@ -274,6 +276,7 @@ class Linear(nn.Module, MixLoraLayer):
                 task_logits=router.get("task_logits") if router else None,
                 task_ids=None if context is None else context.task_ids_for(instances, seq.device),
                 noise_std=settings.router_noise if self.training else 0.0,
+                pairing=settings.pairing,
                 batch=instances,
                 device=seq.device,
             )

@@ -15,9 +15,10 @@ import torch
 class Selection:
     """The factors chosen for each instance of a batch.
 
-    index_a[b, i] and index_b[b, i] form the i-th factor pair of instance b (both in descending score order, as
-    torch.topk returns them). `coef`, when present, multiplies pair i's contribution (router_grad modes that let
-    gradients reach the routers); it is None when factors enter unscaled.
+    index_a[b, i] and index_b[b, i] form the i-th factor pair of instance b: both in descending score order, as
+    torch.topk returns them (pairing 'score'), or both in ascending factor order (pairing 'index'). `coef`, when
+    present, multiplies pair i's contribution (router_grad modes that let gradients reach the routers); it is
+    None when factors enter unscaled.
     """
 
     index_a: torch.Tensor  # [B, r] long
@@ -77,6 +78,12 @@ def select_top_r(scores: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tens
     return top.indices, top.values
 
 
+def pair_by_index(index: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected factors [B, r] in ascending factor order, their scores [B, r] permuted with them."""
+    index, order = index.sort(dim=-1)
+    return index, top.gather(-1, order)
+
+
 def random_indices(batch: int, num_factors: int, r: int, device: torch.device) -> torch.Tensor:
     """A fresh uniformly random subset of r factors per instance, in random order (the paper's 'random')."""
     return torch.rand(batch, num_factors, device=device).argsort(dim=-1)[:, :r]
@@ -127,6 +134,7 @@ def route(
     task_logits: torch.Tensor | None = None,
     task_ids: torch.Tensor | None = None,
     noise_std: float = 0.0,
+    pairing: str = "score",
     batch: int | None = None,
     device: torch.device | None = None,
 ) -> Selection:
@@ -135,9 +143,19 @@ def route(
     routing: 'ifs' (routers W_A = router_ifs[0] and W_B = router_ifs[1] on xbar), 'ifs+cfs' (B scores refined
     by the selected A factors through router_cfs = W_AB [r, d, E]), 'random' (fresh random indices), 'task'
     (logits looked up per task id in task_logits [2, num_tasks, E] instead of computed from xbar).
+
+    pairing: which selected A factor goes with which selected B factor. 'score' (the paper's and the reference
+    code's): the i-th by score of each pool, so that two instances that select the same factors in another order
+    get different updates. 'index': the i-th in factor order, so that the update depends on the selected sets
+    alone (with E == r every instance then gets one and the same update: plain LoRA). CFS reads the A factors
+    in score order either way; only the matching changes.
     """
     if routing == "random":
-        return Selection(random_indices(batch, num_factors, r, device), random_indices(batch, num_factors, r, device))
+        index_a = random_indices(batch, num_factors, r, device)
+        index_b = random_indices(batch, num_factors, r, device)
+        if pairing == "index":
+            index_a, index_b = index_a.sort(dim=-1).values, index_b.sort(dim=-1).values
+        return Selection(index_a, index_b)
 
     if routing == "task":
         if task_ids is None:
@@ -163,5 +181,8 @@ def route(
         cfs_fn = cfs_scores_paper if cfs == "paper" else cfs_scores_reference
         scores_b = torch.add(probs_b, cfs_fn(selected_a, router_cfs), alpha=cfs_weight)
         index_b, top_b = select_top_r(scores_b, r)
+    if pairing == "index":
+        index_a, top_a = pair_by_index(index_a, top_a)
+        index_b, top_b = pair_by_index(index_b, top_b)
     coef = pair_coefficients(top_a, top_b, router_grad)
     return Selection(index_a, index_b, coef, probs_a, scores_b)

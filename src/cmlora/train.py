@@ -97,6 +97,8 @@ class TrainConfig:
     router_noise: float = field(default=0.0, metadata={"help": "MixLoRA router logit noise (training only)."})
     cfs: str = field(default="paper", metadata={"help": "MixLoRA CFS arithmetic: paper or reference."})
     cfs_weight: float = field(default=1.0, metadata={"help": "MixLoRA CFS weight."})
+    pairing: str = field(default="score", metadata={"help": "MixLoRA: match the selected A and B factors by score "
+                                                            "(the paper's) or by factor index."})
     mix_start_layer: int = field(default=0, metadata={"help": "MixLoRA: plain LoRA below this layer."})
     target_modules: str | list[str] | None = field(
         default=None, metadata={"help": "Adapted modules; None: the language model's q,k,v,o,gate,up,down."})
@@ -212,6 +214,7 @@ def build_adapter_model(model: nn.Module, config: TrainConfig, num_tasks: int | 
             mix_start_layer=config.mix_start_layer, routing=config.routing, pooling=config.pooling,
             router_grad=config.router_grad, router_aux_loss_coef=config.router_aux_loss_coef,
             router_noise=config.router_noise, cfs=config.cfs, cfs_weight=config.cfs_weight,
+            pairing=config.pairing,
             num_tasks=num_tasks if config.routing == "task" else None,
         )
     return get_peft_model(model, adapter_config)
