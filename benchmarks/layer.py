@@ -19,6 +19,8 @@ between steps (outside the timed region):
   called, so the routing-context hook, pooling over all positions (the wrapper passes no attention mask),
   IFS+CFS routing and the gather + two batched matmuls are all timed.
 - mixlora_scores: the same with router_grad="scores" (routers are trainable parameters; pairs are scaled).
+- mixlora_scores_index: mixlora_scores with pairing="index" (the selected factors matched in factor order: two
+  sorts of [instances, r] more per call).
 - mixlora_packed: the mixlora variant on packed rows: each row of x holds 4 records of seq/4 positions, named by
   `mixlora_segment_ids`, so each record is pooled and routed alone and its factors applied to its positions as a
   rank-E update (all E coefficients, then a gather and a scatter of each record's r; `Linear._add_packed_update`).
@@ -92,13 +94,13 @@ class OneLinear(nn.Module):
         return self.proj(x)
 
 
-def mixlora_config(router_grad: str) -> cmlora.MixLoraConfig:
+def mixlora_config(router_grad: str, pairing: str = "score") -> cmlora.MixLoraConfig:
     return cmlora.MixLoraConfig(num_factors=NUM_FACTORS, r=RANK, target_modules=["proj"], routing="ifs+cfs",
-                                pooling="all", router_grad=router_grad, init_weights=False)
+                                pooling="all", router_grad=router_grad, pairing=pairing, init_weights=False)
 
 
-def build_mixlora(weight: nn.Parameter, router_grad: str) -> nn.Module:
-    return peft.get_peft_model(OneLinear(weight), mixlora_config(router_grad))
+def build_mixlora(weight: nn.Parameter, router_grad: str, pairing: str = "score") -> nn.Module:
+    return peft.get_peft_model(OneLinear(weight), mixlora_config(router_grad, pairing))
 
 
 class PackedMixLora(nn.Module):
@@ -155,13 +157,14 @@ def mixlora_layer(model: nn.Module) -> nn.Module:
 
 
 def build_variants(weight: nn.Parameter) -> dict[str, nn.Module]:
-    """The six variants of one shape/device/dtype, all on the shared frozen weight."""
+    """The seven variants of one shape/device/dtype, all on the shared frozen weight."""
     weight.requires_grad_(False)
     mixlora = build_mixlora(weight, "none")
     variants = {
         "base": OneLinear(weight),
         "mixlora": mixlora,
         "mixlora_scores": build_mixlora(weight, "scores"),
+        "mixlora_scores_index": build_mixlora(weight, "scores", pairing="index"),
         "mixlora_packed": PackedMixLora(weight),
         "peft_lora": build_peft_lora(weight),
         "materialised": MaterialisedMixLora(weight, mixlora_layer(mixlora), mixlora.peft_config["default"]),
@@ -270,6 +273,7 @@ def ratios(stats: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "time_mixlora_scores_over_mixlora": ratio(secs["mixlora_scores"], secs["mixlora"]),
         "time_mixlora_scores_over_peft_lora": ratio(secs["mixlora_scores"], secs["peft_lora"]),
         "memory_mixlora_scores_over_peft_lora": ratio(mem["mixlora_scores"], mem["peft_lora"]),
+        "time_mixlora_scores_index_over_mixlora_scores": ratio(secs["mixlora_scores_index"], secs["mixlora_scores"]),
         "time_mixlora_packed_over_peft_lora": ratio(secs["mixlora_packed"], secs["peft_lora"]),
         "memory_mixlora_packed_over_peft_lora": ratio(mem["mixlora_packed"], mem["peft_lora"]),
     }
