@@ -2,14 +2,15 @@
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cmlora
 from cmlora import MixLoraConfig
 from cmlora.layer import Linear
+from cmlora.train import TrainConfig, build_adapter_model
 
-from .conftest import ToyMLP, random_tokens, tiny_llama
+from .conftest import ToyMLP, random_tokens, tiny_llama, tiny_llava
 
 
 def slow_update(x, layer, adapter, index_a, index_b):
@@ -147,12 +148,6 @@ def test_pairing_must_be_a_known_mode():
 
 
 def test_pairing_reaches_the_adapter_from_the_training_config_and_survives_saving(tmp_path):
-    from peft import PeftModel
-
-    from cmlora.train import TrainConfig, build_adapter_model
-
-    from .conftest import tiny_llava
-
     model = build_adapter_model(tiny_llava(), TrainConfig(adapter="mixlora", num_factors=4, r=2, pairing="index"))
     assert model.peft_config["default"].pairing == "index"
     model.save_pretrained(tmp_path)
